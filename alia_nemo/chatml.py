@@ -1,0 +1,144 @@
+"""ChatML for ALIA: the Jinja chat template, conversation checks, and assistant-only loss masks.
+
+The template writes ``bos_token`` itself, because transformers' ``apply_chat_template(tokenize=True)``
+and vLLM's chat endpoint tokenise the rendered text without adding special tokens. Everything here
+that tokenises rendered text therefore passes ``add_special_tokens=False``: BOS appears exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ROLES = ("system", "user", "assistant")
+
+# Messages are joined by a newline; the last one has none after it (the card's example ends at
+# <|im_end|>). A generation prompt opens an assistant turn after the last message.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('ChatML: unknown role ' ~ message['role'] ~ '; use system, user or assistant') -}}"
+    "{%- endif -%}"
+    "{%- if not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '<|im_start|>' ~ message['role'] ~ '\\n' ~ message['content'] ~ '<|im_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if messages | length > 0 -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+
+class ConversationError(ValueError):
+    """A conversation that can not be rendered or trained; the message names it and the problem."""
+
+    def __init__(self, conversation_id: str, problem: str):
+        self.conversation_id = conversation_id
+        self.problem = problem
+        super().__init__(f"conversation {conversation_id!r}: {problem}")
+
+
+def validate_conversation(messages: Any, conversation_id: str = "<unnamed>", *, require_assistant: bool = True) -> None:
+    """Check a conversation's shape: optional leading system turn, then user/assistant alternating.
+
+    With ``require_assistant`` (training) it must end with an assistant turn, so there is something
+    to learn and no unanswered prompt.
+    """
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or len(messages) == 0:
+        raise ConversationError(conversation_id, "empty conversation: 'messages' must be a non-empty list")
+    expected = "user"
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise ConversationError(conversation_id, f"message {i} must be an object with 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise ConversationError(conversation_id, f"message {i} has unknown role {role!r}; use one of {list(ROLES)}")
+        if not isinstance(content, str) or not content.strip():
+            raise ConversationError(conversation_id, f"message {i} ({role}) has empty or non-text content")
+        if IM_START in content or IM_END in content:
+            raise ConversationError(conversation_id, f"message {i} ({role}) contains a ChatML control token in its text")
+        if role == "system":
+            if i != 0:
+                raise ConversationError(conversation_id, f"message {i}: a system turn is only allowed first")
+            continue
+        if role != expected:
+            raise ConversationError(
+                conversation_id, f"message {i}: expected a {expected} turn, got {role} (user and assistant must alternate)"
+            )
+        expected = "assistant" if role == "user" else "user"
+    if require_assistant:
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ConversationError(conversation_id, "no assistant turn to train")
+        if messages[-1]["role"] != "assistant":
+            raise ConversationError(conversation_id, "ends with an unanswered user turn; drop it or add the answer")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of rendered text and whether its tokens carry loss."""
+
+    text: str
+    trained: bool
+
+
+def render_segments(
+    messages: Sequence[Mapping[str, str]], bos_token: str = "<s>", add_generation_prompt: bool = False
+) -> list[Segment]:
+    """The template's output split into trained (assistant content + its ``<|im_end|>``) and untrained text.
+
+    Mirrors :data:`CHAT_TEMPLATE`; tests check that the concatenation equals the Jinja rendering.
+    """
+    segments = [Segment(bos_token, False)]
+    for i, message in enumerate(messages):
+        header = ("\n" if i else "") + f"{IM_START}{message['role']}\n"
+        if message["role"] == "assistant":
+            segments += [Segment(header, False), Segment(message["content"] + IM_END, True)]
+        else:
+            segments.append(Segment(header + message["content"] + IM_END, False))
+    if add_generation_prompt:
+        segments.append(Segment(("\n" if messages else "") + f"{IM_START}assistant\n", False))
+    return segments
+
+
+def render(messages: Sequence[Mapping[str, str]], bos_token: str = "<s>", add_generation_prompt: bool = False) -> str:
+    """Render a conversation to text exactly as :data:`CHAT_TEMPLATE` does."""
+    return "".join(s.text for s in render_segments(messages, bos_token, add_generation_prompt))
+
+
+@dataclass(frozen=True)
+class TokenizedConversation:
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 where the token is trained
+
+    @property
+    def labels(self) -> list[int]:
+        """Labels for a causal LM: the token where trained, -100 (ignored) elsewhere."""
+        return [t if m else -100 for t, m in zip(self.input_ids, self.loss_mask)]
+
+
+def tokenize_conversation(tokenizer, messages: Sequence[Mapping[str, str]], conversation_id: str = "<unnamed>") -> TokenizedConversation:
+    """Tokenise a training conversation and mark assistant content and its ``<|im_end|>`` as trained.
+
+    The rendered text is tokenised in one piece (so ids equal ``apply_chat_template(tokenize=True)``)
+    with ``add_special_tokens=False`` (the template already wrote BOS); character offsets map the
+    trained spans onto tokens.
+    """
+    validate_conversation(messages, conversation_id)
+    segments = render_segments(messages, tokenizer.bos_token)
+    spans, start = [], 0
+    for seg in segments:
+        if seg.trained:
+            spans.append((start, start + len(seg.text)))
+        start += len(seg.text)
+    text = "".join(s.text for s in segments)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = []
+    for a, b in enc["offset_mapping"]:
+        # A token is trained when it covers any trained character (tokens never straddle the
+        # special <|im_end|> / <|im_start|> boundaries, so this only matters for merges at "\n").
+        mask.append(int(any(a < e and b > s for s, e in spans)))
+    return TokenizedConversation(list(enc["input_ids"]), mask)

@@ -1,0 +1,146 @@
+"""Our configuration schema: every section forbids unknown keys and checks types and ranges.
+
+Hydra composes YAML; this schema validates the result so a typo or a wrong type fails before any
+work starts, with a message that names the dotted key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from alia_nemo.architectures import ARCHITECTURES, RopeSettings
+
+
+class ConfigError(ValueError):
+    """A configuration that can not be used; the message names each bad key and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    arch: str = Field(description="ALIA size from the registry: alia_tiny, alia_2b, alia_7b, alia_40b")
+    pretrained: str | None = Field(None, description="weights to start from (HF dir or hub id); null = random init")
+    tokenizer: str = Field("builtin:test", description="'builtin:test' or a tokenizer dir / hub id")
+    allow_download: bool = Field(False, description="let hub ids be downloaded (compute nodes are usually offline)")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        if v not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {v!r}; choose one of {sorted(ARCHITECTURES)}")
+        return v
+
+
+class RopeConfig(_Section):
+    type: Literal["none", "llama3", "theta"] = "none"
+    factor: float = Field(1.0, gt=0)
+    original_max_position_embeddings: int = Field(4096, gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    theta: float | None = Field(None, gt=0)
+
+    def settings(self) -> RopeSettings:
+        return RopeSettings(**self.model_dump())
+
+
+class StageConfig(_Section):
+    name: str
+    kind: Literal["sft"] = Field("sft", description="sft (CPT stages arrive with the long-context issue)")
+    seq_length: int = Field(gt=0, description="longest training sequence in tokens")
+    lr: float = Field(gt=0)
+    lr_scheduler: Literal["constant", "cosine"]
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (null: epochs)")
+    global_batch_size: int = Field(gt=0, description="sequences per optimizer step, over all workers")
+    micro_batch_size: int = Field(gt=0, description="sequences per worker per forward/backward")
+    rope: RopeConfig = RopeConfig()
+
+
+class DataConfig(_Section):
+    name: str
+    format: Literal["messages_jsonl"] = "messages_jsonl"
+    files: list[str] = Field(min_length=1, description="JSONL files with {'messages': [...]} rows")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="share of conversations held out for validation")
+    on_invalid: Literal["error", "drop"] = Field(
+        "error", description="malformed conversation: stop (error) or drop it and count the reason (drop)"
+    )
+
+
+class EngineConfig(_Section):
+    name: Literal["local"] = Field("local", description="local (Ray Train); nemo_rl arrives with its issue")
+    num_workers: int = Field(1, gt=0, description="data-parallel training workers")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, gt=0, description="intra-op threads per worker (null: CPUs / workers)")
+    ray_address: str | None = Field(None, description="existing Ray cluster; null: RAY_ADDRESS or in-process Ray")
+
+
+class ClusterConfig(_Section):
+    name: str
+    num_nodes: int = Field(1, gt=0)
+    gpus_per_node: int = Field(0, ge=0)
+
+
+class RunConfig(_Section):
+    output_dir: str
+    seed: int = 42
+    save_every: int = Field(50, gt=0, description="checkpoint every N optimizer steps (and always at the end)")
+    keep_checkpoints: int | None = Field(3, gt=0, description="newest checkpoints kept (null: all)")
+    log_every: int = Field(1, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="validation every N steps (and at the end)")
+    resume: bool = Field(True, description="continue from the newest checkpoint in output_dir")
+
+
+class AliaConfig(_Section):
+    recipe: str | None = None
+    model: ModelConfig
+    stage: StageConfig
+    data: DataConfig
+    engine: EngineConfig
+    cluster: ClusterConfig
+    run: RunConfig
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> AliaConfig:
+        per_step = self.stage.micro_batch_size * self.engine.num_workers
+        if self.stage.global_batch_size % per_step:
+            raise ValueError(
+                f"stage.global_batch_size={self.stage.global_batch_size} is not a multiple of "
+                f"stage.micro_batch_size x engine.num_workers = {per_step}; change one of them"
+            )
+        return self
+
+    @property
+    def grad_accumulation(self) -> int:
+        """Micro-batches each worker accumulates per optimizer step."""
+        return self.stage.global_batch_size // (self.stage.micro_batch_size * self.engine.num_workers)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key; remove it or fix its spelling (check `alia-nemo show`)"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing; set it with {key}=VALUE"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg} (got {err.get('input')!r})" if "input" in err and not isinstance(err["input"], dict) else f"{key}: {msg}"
+
+
+def validate_config(data: dict[str, Any]) -> AliaConfig:
+    """Validate a composed, resolved configuration; raise :class:`ConfigError` naming every bad key."""
+    try:
+        return AliaConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,16 @@
+"""Engines run a composed stage: ``local`` (Ray Train + transformers) here; ``nemo_rl`` on GPU clusters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alia_nemo.config_schema import AliaConfig
+
+
+def run_stage(cfg: AliaConfig) -> dict[str, Any]:
+    """Dispatch a stage to the engine its config names."""
+    if cfg.engine.name == "local":
+        from alia_nemo.engines.local import run_local
+
+        return run_local(cfg)
+    raise NotImplementedError(f"engine {cfg.engine.name!r} is not available yet")

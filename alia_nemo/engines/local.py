@@ -1,0 +1,109 @@
+"""The local engine: a stage on Ray Train (``TorchTrainer``), each worker running transformers' Trainer.
+
+In-process Ray by default; an existing cluster when ``engine.ray_address`` or ``RAY_ADDRESS`` names
+one. Everything the run produces lands in ``run.output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from alia_nemo.config_compose import to_yaml
+from alia_nemo.config_schema import AliaConfig
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point (module-level so Ray can pickle it by reference)."""
+    import ray.train
+
+    from alia_nemo.config_schema import AliaConfig
+    from alia_nemo.hf_training import train_sft
+
+    cfg = AliaConfig.model_validate(config["cfg"])
+    metrics = train_sft(
+        cfg, config["train"], config["val"], Path(config["tokenizer_dir"]), Path(config["output_dir"]),
+        use_cpu=not cfg.engine.use_gpu,
+    )
+    if ray.train.get_context().get_world_rank() == 0:
+        Path(config["output_dir"], "train_result.json").write_text(json.dumps(metrics, indent=2))
+
+
+def _init_ray(cfg: AliaConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.engine.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # Embedded: bind to loopback only and skip the dashboard; a laptop run should open no ports.
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, int(cfg.engine.num_workers * cfg.engine.cpus_per_worker)),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=False,
+    )
+
+
+def run_local(cfg: AliaConfig) -> dict[str, Any]:
+    """Train ``cfg``'s stage on Ray and return the run summary (also written to ``summary.json``)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from alia_nemo.plots import plot_loss
+    from alia_nemo.sft_data import prepare_sft
+    from alia_nemo.tokenizer import load_tokenizer
+
+    out = Path(cfg.run.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer, allow_download=cfg.model.allow_download)
+    tokenizer_dir = out / "tokenizer"
+    tokenizer.save_pretrained(str(tokenizer_dir))
+    data = prepare_sft(cfg.data, tokenizer, cfg.stage.seq_length, cfg.run.seed)
+    (out / "data_report.json").write_text(json.dumps(data.report, indent=2))
+    print(f"[alia-nemo] data: {json.dumps(data.report)}")
+
+    _init_ray(cfg)
+    try:
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={
+                "cfg": cfg.model_dump(mode="json"),
+                "train": data.train,
+                "val": data.val,
+                "tokenizer_dir": str(tokenizer_dir),
+                "output_dir": str(out),
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.engine.num_workers,
+                use_gpu=cfg.engine.use_gpu,
+                resources_per_worker={"CPU": cfg.engine.cpus_per_worker},
+            ),
+            run_config=RunConfig(name="train", storage_path=str(out / "ray")),
+        )
+        trainer.fit()
+    finally:
+        if not (cfg.engine.ray_address or os.environ.get("RAY_ADDRESS")):
+            ray.shutdown()
+
+    result = json.loads((out / "train_result.json").read_text())
+    plot = plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.stage.name} / {cfg.model.arch}")
+    summary = {
+        "output_dir": str(out),
+        "final_model": str(out / "final"),
+        "loss_plot": str(plot),
+        "host": socket.gethostname(),
+        "data": data.report,
+        "train": result,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

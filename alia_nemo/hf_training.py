@@ -1,0 +1,191 @@
+"""transformers' Trainer set up for an ALIA stage: the training loop each local-engine worker runs.
+
+Kept apart from Ray so the benchmark can run the very same loop in plain transformers and compare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from alia_nemo.config_schema import AliaConfig
+
+CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
+# Generation stops on <|im_end|> (5) as well as </s> (2); the card's sampling advice.
+GENERATION_DEFAULTS = {
+    "eos_token_id": [2, 5],
+    "pad_token_id": 3,
+    "bos_token_id": 1,
+    "do_sample": True,
+    "temperature": 0.1,
+    "repetition_penalty": 1.0,
+}
+
+
+def newest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The highest ``checkpoint-N`` holding every file a resume needs (a killed save leaves a partial one)."""
+    if not checkpoint_dir.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for ckpt in candidates:
+        if all((ckpt / f).is_file() for f in CHECKPOINT_FILES):
+            return ckpt
+        print(f"[alia-nemo] skipping incomplete checkpoint {ckpt} (missing files)")
+    return None
+
+
+class SFTCollator:
+    """Right-pads a micro-batch: ``<pad>`` for inputs, -100 (no loss) for labels."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def build_model(cfg: AliaConfig):
+    """The stage's starting model: pretrained weights when given, else a seeded random init of the spec."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from alia_nemo.architectures import get_spec
+
+    dtype = getattr(torch, cfg.model.dtype)
+    if cfg.model.pretrained:
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.model.pretrained, dtype=dtype, local_files_only=not cfg.model.allow_download
+        )
+    torch.manual_seed(cfg.run.seed)
+    hf_config = get_spec(cfg.model.arch).hf_config(cfg.stage.seq_length, cfg.stage.rope.settings())
+    return LlamaForCausalLM(hf_config).to(dtype)
+
+
+def training_arguments(cfg: AliaConfig, output_dir: Path, use_cpu: bool, report_to: list[str]):
+    """transformers ``TrainingArguments`` for the stage: AdamW, schedule, clipping, checkpoints, logging."""
+    from transformers import TrainingArguments
+
+    has_val = cfg.data.val_fraction > 0
+    eval_every = cfg.run.eval_every
+    return TrainingArguments(
+        output_dir=str(output_dir / "checkpoints"),
+        per_device_train_batch_size=cfg.stage.micro_batch_size,
+        per_device_eval_batch_size=cfg.stage.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accumulation,
+        learning_rate=cfg.stage.lr,
+        lr_scheduler_type="cosine" if cfg.stage.lr_scheduler == "cosine" else "constant_with_warmup",
+        warmup_steps=cfg.stage.warmup_steps,
+        weight_decay=cfg.stage.weight_decay,
+        adam_beta1=cfg.stage.adam_beta1,
+        adam_beta2=cfg.stage.adam_beta2,
+        adam_epsilon=cfg.stage.adam_eps,
+        optim="adamw_torch",
+        max_grad_norm=cfg.stage.grad_clip,
+        num_train_epochs=cfg.stage.epochs,
+        max_steps=cfg.stage.max_steps or -1,
+        save_strategy="steps",
+        save_steps=cfg.run.save_every,
+        save_total_limit=cfg.run.keep_checkpoints,
+        logging_steps=cfg.run.log_every,
+        logging_first_step=True,
+        report_to=report_to,
+        eval_strategy="steps" if has_val and eval_every else "no",
+        eval_steps=eval_every,
+        seed=cfg.run.seed,
+        data_seed=cfg.run.seed,
+        use_cpu=use_cpu,
+        bf16=cfg.model.dtype == "bfloat16" and not use_cpu,
+        # The loss is the mean over the trained tokens of the whole global batch (all micro-batches
+        # and all workers), not a mean of per-micro-batch means.
+        average_tokens_across_devices=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        ddp_find_unused_parameters=False,
+    )
+
+
+class JsonlMetrics:
+    """Trainer callback: one JSON line per log event in ``metrics.jsonl`` (main process only)."""
+
+    def __new__(cls, path: Path):
+        from transformers import TrainerCallback
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                # Marks each attempt; after a resume its step is the checkpoint's.
+                if state.is_world_process_zero:
+                    with open(path, "a") as f:
+                        f.write(json.dumps({"event": "train_begin", "step": state.global_step, "time": time.time()}) + "\n")
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if state.is_world_process_zero and logs:
+                    row = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+                    with open(path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+
+        return _Callback()
+
+
+def train_sft(cfg: AliaConfig, train_rows, val_rows, tokenizer_dir: Path, output_dir: Path,
+              use_cpu: bool = True, report_to: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the stage with transformers' Trainer; the final model goes to ``output_dir/final``.
+
+    Works alone or inside a Ray Train worker (torch.distributed already set up: DDP over gloo/NCCL).
+    Returns the Trainer's train metrics plus where it resumed from.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, GenerationConfig, Trainer
+
+    threads = cfg.engine.torch_threads or max(1, (os.cpu_count() or 1) // cfg.engine.num_workers)
+    torch.set_num_threads(threads)
+    # transformers' TensorBoard callback reads its directory from the environment only.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir / "tensorboard")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = build_model(cfg)
+    args = training_arguments(cfg, output_dir, use_cpu, ["tensorboard"] if report_to is None else report_to)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(val_rows) if val_rows and args.eval_strategy != "no" else None,
+        data_collator=SFTCollator(tokenizer.pad_token_id),
+        callbacks=[JsonlMetrics(output_dir / "metrics.jsonl")],
+    )
+    resume = newest_complete_checkpoint(output_dir / "checkpoints") if cfg.run.resume else None
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    metrics = dict(result.metrics)
+    if val_rows:  # the final validation loss, whatever the cadence during training
+        metrics.update(trainer.evaluate(Dataset.from_list(val_rows)))
+    final = output_dir / "final"
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(final))
+        GenerationConfig(**GENERATION_DEFAULTS).save_pretrained(str(final))
+    metrics.update(
+        global_step=trainer.state.global_step,
+        resumed_from=resume.name if resume else None,
+        world_size=args.world_size,
+        grad_accumulation=args.gradient_accumulation_steps,
+    )
+    return metrics

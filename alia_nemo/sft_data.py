@@ -1,0 +1,114 @@
+"""Read messages-JSONL conversations, check them, split train/validation and tokenise with loss masks.
+
+Nothing is dropped silently: every conversation left out is counted under its reason in the report
+that ``prepare_sft`` returns (and the engines write to ``data_report.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alia_nemo.chatml import ConversationError, tokenize_conversation, validate_conversation
+from alia_nemo.config_schema import DataConfig
+
+
+class DataError(ValueError):
+    """A data file or row that can not be used; names the file, the row and the fix."""
+
+
+@dataclass
+class Conversation:
+    id: str
+    messages: list[dict[str, str]]
+    language: str | None = None
+
+
+@dataclass
+class PreparedSFT:
+    train: list[dict[str, list[int]]]
+    val: list[dict[str, list[int]]]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def read_conversations(files: list[str], on_invalid: str = "error") -> tuple[list[Conversation], Counter]:
+    """Parse and check every row of ``files``. Bad rows stop the read (``error``) or are counted (``drop``)."""
+    conversations: list[Conversation] = []
+    dropped: Counter = Counter()
+    seen: set[str] = set()
+    for file in files:
+        path = Path(file)
+        if not path.is_file():
+            raise DataError(f"data file {file!r} does not exist; fix data.files")
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path.name}:{lineno}"
+                try:
+                    row = json.loads(line)
+                    if not isinstance(row, dict) or "messages" not in row:
+                        raise ConversationError(where, "row must be a JSON object with a 'messages' list")
+                    cid = str(row.get("id", where))
+                    if cid in seen:
+                        raise ConversationError(cid, f"duplicate id at {where}; ids must be unique across data.files")
+                    validate_conversation(row["messages"], cid)
+                except (json.JSONDecodeError, ConversationError) as exc:
+                    reason = "invalid JSON" if isinstance(exc, json.JSONDecodeError) else exc.problem.split(";")[0]
+                    if on_invalid == "error":
+                        raise DataError(
+                            f"{where}: {exc}. Fix the row, or set data.on_invalid=drop to skip and count such rows"
+                        ) from None
+                    dropped[reason] += 1
+                    continue
+                seen.add(cid)
+                messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+                conversations.append(Conversation(cid, messages, row.get("language")))
+    return conversations, dropped
+
+
+def split_train_val(items: list[Conversation], val_fraction: float, seed: int) -> tuple[list[Conversation], list[Conversation]]:
+    """Seeded, disjoint split; at least one validation conversation when the fraction is positive."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(items) * val_fraction)) if val_fraction > 0 and len(items) > 1 else 0
+    val_idx = set(order[:n_val])
+    return [c for i, c in enumerate(items) if i not in val_idx], [c for i, c in enumerate(items) if i in val_idx]
+
+
+def prepare_sft(data: DataConfig, tokenizer, seq_length: int, seed: int) -> PreparedSFT:
+    """Read, check, split and tokenise; overlong conversations are dropped and counted, never truncated."""
+    conversations, dropped = read_conversations(data.files, data.on_invalid)
+    rows_read = len(conversations) + sum(dropped.values())
+    train_c, val_c = split_train_val(conversations, data.val_fraction, seed)
+    out: dict[str, list[dict[str, list[int]]]] = {"train": [], "val": []}
+    tokens: Counter = Counter()
+    languages: Counter = Counter()
+    for split, convs in (("train", train_c), ("val", val_c)):
+        for conv in convs:
+            tok = tokenize_conversation(tokenizer, conv.messages, conv.id)
+            if len(tok.input_ids) > seq_length:
+                # Cutting a conversation would train on a truncated answer; drop it and say so.
+                dropped[f"longer than stage.seq_length={seq_length} tokens"] += 1
+                continue
+            out[split].append({"input_ids": tok.input_ids, "labels": tok.labels})
+            tokens[f"{split}_tokens"] += len(tok.input_ids)
+            tokens[f"{split}_trained_tokens"] += sum(tok.loss_mask)
+            if split == "train":
+                languages[conv.language or "unknown"] += 1
+    if not out["train"]:
+        raise DataError(f"no training conversation left (dropped: {dict(dropped)}); check data.files and stage.seq_length")
+    report = {
+        "files": list(data.files),
+        "conversations_read": rows_read,
+        "train": len(out["train"]),
+        "val": len(out["val"]),
+        "dropped": dict(dropped),
+        "train_languages": dict(sorted(languages.items())),
+        **dict(tokens),
+    }
+    return PreparedSFT(out["train"], out["val"], report)

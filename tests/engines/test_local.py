@@ -1,0 +1,105 @@
+"""The local engine end to end on a real (in-process) Ray: default job, two workers, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alia_nemo.config_compose import load_config
+from alia_nemo.engines.local import run_local
+from alia_nemo.sft_data import prepare_sft
+from tests.helpers import read_jsonl, save_peaked_tiny_model, token_and_sequence_means, write_uneven_conversations
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "alia_nemo.cli"]
+
+
+def _losses(metrics: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_jsonl(metrics) if "loss" in r]
+
+
+def test_default_job_trains_loss_falls_and_final_model_chats(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([*CLI, "train", f"run.output_dir={out}"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "final model:" in proc.stdout
+
+    losses = _losses(out / "metrics.jsonl")
+    first, last = losses[0][1], sum(v for _, v in losses[-10:]) / 10
+    assert first > 6.0 and last < 2.5 and last < first / 2.5, (first, last)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train"]["global_step"] == 12 * 18  # 12 epochs x ceil(285 / 16) steps
+    assert summary["data"]["train"] == 285 and summary["data"]["val"] == 15 and summary["data"]["dropped"] == {}
+    assert summary["train"]["eval_loss"] < first
+    for artefact in ("config.yaml", "data_report.json", "loss.png", "final/config.json", "final/model.safetensors",
+                     "final/tokenizer_config.json", "final/generation_config.json"):
+        assert (out / artefact).is_file(), artefact
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.max_position_embeddings == 4096
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Quin dia ve després de dilluns?"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert prompt["input_ids"][0].tolist().count(1) == 1
+    generated = model.generate(**prompt, max_new_tokens=48, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
+    assert generated[-1] == 5, tok.decode(generated)  # stopped on <|im_end|> by itself
+    assert tok.decode(generated, skip_special_tokens=True).strip()
+
+
+def test_two_workers_average_loss_over_all_trained_tokens(tmp_path, tok):
+    model_dir = save_peaked_tiny_model(tmp_path / "peaked")
+    data_file = write_uneven_conversations(tmp_path / "uneven.jsonl")
+    cfg = load_config([
+        "recipe=sft-alia-tiny-1n0g-dp2", f"model.pretrained={model_dir}", f"data.files=[{data_file}]",
+        "data.val_fraction=0", "stage.global_batch_size=4", "stage.micro_batch_size=1", "stage.max_steps=2",
+        "stage.warmup_steps=0", f"run.output_dir={tmp_path / 'run'}",
+    ])
+    assert (cfg.engine.num_workers, cfg.grad_accumulation) == (2, 2)
+    token_mean, sequence_mean = token_and_sequence_means(model_dir, prepare_sft(cfg.data, tok, 256, 0).train)
+    assert abs(token_mean - sequence_mean) > 20 * 1e-4 * token_mean
+
+    summary = run_local(cfg)
+    assert (summary["train"]["world_size"], summary["train"]["global_step"]) == (2, 2)
+    step1 = _losses(tmp_path / "run" / "metrics.jsonl")[0]
+    assert step1[0] == 1 and step1[1] == pytest.approx(token_mean, rel=1e-4)
+
+
+def test_interrupted_run_resumes_from_its_newest_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = [*CLI, "train", f"run.output_dir={out}", "run.save_every=20", "stage.epochs=4"]  # 72 steps
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "checkpoint-20" / "trainer_state.json").is_file():
+            assert proc.poll() is None and time.time() < deadline, "training ended or stalled before checkpoint-20"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole session: driver, Ray and its workers
+        proc.wait()
+    assert not (out / "final").exists()  # it really was interrupted
+    from alia_nemo.hf_training import newest_complete_checkpoint
+
+    resume_step = int(newest_complete_checkpoint(out / "checkpoints").name.split("-")[1])
+    assert 20 <= resume_step < 72
+
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    result = json.loads((out / "train_result.json").read_text())
+    assert result["resumed_from"] == f"checkpoint-{resume_step}" and result["global_step"] == 72
+    rows = read_jsonl(out / "metrics.jsonl")
+    begins = [i for i, r in enumerate(rows) if r.get("event") == "train_begin"]
+    assert [rows[i]["step"] for i in begins] == [0, resume_step]
+    resumed_steps = [r["step"] for r in rows[begins[1]:] if "loss" in r]
+    assert resumed_steps[0] == resume_step + 1 and resumed_steps[-1] == 72
+    assert resumed_steps == list(range(resume_step + 1, 73))

@@ -1,0 +1,59 @@
+"""Test helpers: small data files and a tiny model whose per-token losses differ a lot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ANSWERS = ["Sí.", "Dimarts.", "La capital de França és París, una ciutat molt gran i molt bonica amb molts museus "
+           "i monuments que visiten milions de persones cada any.", "4."]
+
+
+def write_uneven_conversations(path: Path) -> str:
+    """Four conversations whose answers range from one word to a long sentence."""
+    rows = [
+        {"id": f"u{i}", "language": "ca",
+         "messages": [{"role": "user", "content": f"Pregunta {i}?"}, {"role": "assistant", "content": a}]}
+        for i, a in enumerate(ANSWERS)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def save_peaked_tiny_model(path: Path, seed: int = 0) -> str:
+    """A randomly initialised alia_tiny with a sharpened output layer, so token losses vary widely
+    (at plain random init every token costs ~ln(1024) and averaging schemes are indistinguishable)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from alia_nemo.architectures import get_spec
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(get_spec("alia_tiny").hf_config(256))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60.0)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def token_and_sequence_means(model_dir: str, rows: list[dict]) -> tuple[float, float]:
+    """(mean over all trained tokens, mean of per-conversation means) of the next-token loss."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total, count, seq_means = 0.0, 0, []
+    with torch.no_grad():
+        for r in rows:
+            logits = model(torch.tensor([r["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(r["labels"][1:])
+            losses = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")[labels != -100]
+            total += losses.sum().item()
+            count += losses.numel()
+            seq_means.append(losses.mean().item())
+    return total / count, sum(seq_means) / len(seq_means)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
