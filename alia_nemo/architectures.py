@@ -202,9 +202,19 @@ def megatron_transformer_config(kwargs: dict[str, Any]):
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-            "kv_channels", "gated_linear_unit", "normalization", "layernorm_epsilon", "add_bias_linear",
-            "add_qkv_bias")
+    keys = (
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "kv_channels",
+        "gated_linear_unit",
+        "normalization",
+        "layernorm_epsilon",
+        "add_bias_linear",
+        "add_qkv_bias",
+    )
     return TransformerConfig(
         **{k: kwargs[k] for k in keys},
         activation_func={"silu": F.silu}[kwargs["activation"]],
@@ -254,6 +264,8 @@ def parameter_report(name: str) -> dict[str, Any]:
         report["megatron_core_meta"] = count_megatron_meta(spec)
     except ImportError as exc:
         report["megatron_core_meta"] = {"error": f"megatron-core not importable ({exc}); pip install 'alia-nemo[test]'"}
-    counts = [v for v in (report["analytic"], report["transformers_meta"], report["megatron_core_meta"]) if "total" in v]
+    counts = [
+        v for v in (report["analytic"], report["transformers_meta"], report["megatron_core_meta"]) if "total" in v
+    ]
     report["agree"] = all(c == counts[0] for c in counts)
     return report

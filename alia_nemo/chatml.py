@@ -60,14 +60,17 @@ def validate_conversation(messages: Any, conversation_id: str = "<unnamed>", *, 
         if not isinstance(content, str) or not content.strip():
             raise ConversationError(conversation_id, f"message {i} ({role}) has empty or non-text content")
         if IM_START in content or IM_END in content:
-            raise ConversationError(conversation_id, f"message {i} ({role}) contains a ChatML control token in its text")
+            raise ConversationError(
+                conversation_id, f"message {i} ({role}) contains a ChatML control token in its text"
+            )
         if role == "system":
             if i != 0:
                 raise ConversationError(conversation_id, f"message {i}: a system turn is only allowed first")
             continue
         if role != expected:
             raise ConversationError(
-                conversation_id, f"message {i}: expected a {expected} turn, got {role} (user and assistant must alternate)"
+                conversation_id,
+                f"message {i}: expected a {expected} turn, got {role} (user and assistant must alternate)",
             )
         expected = "assistant" if role == "user" else "user"
     if require_assistant:
@@ -120,7 +123,9 @@ class TokenizedConversation:
         return [t if m else -100 for t, m in zip(self.input_ids, self.loss_mask)]
 
 
-def tokenize_conversation(tokenizer, messages: Sequence[Mapping[str, str]], conversation_id: str = "<unnamed>") -> TokenizedConversation:
+def tokenize_conversation(
+    tokenizer, messages: Sequence[Mapping[str, str]], conversation_id: str = "<unnamed>"
+) -> TokenizedConversation:
     """Tokenise a training conversation and mark assistant content and its ``<|im_end|>`` as trained.
 
     The rendered text is tokenised in one piece (so ids equal ``apply_chat_template(tokenize=True)``)

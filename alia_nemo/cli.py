@@ -86,25 +86,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help_: str, fn: Callable[[argparse.Namespace], int], description: str = "") -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=description or help_, epilog=EXAMPLES,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    def add(
+        name: str, help_: str, fn: Callable[[argparse.Namespace], int], description: str = ""
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=description or help_,
+            epilog=EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("overrides", nargs="*", metavar="OVERRIDE", help=OVERRIDES_HELP)
         p.set_defaults(fn=fn)
         return p
 
-    add("train", "train a stage (default: tiny ALIA on the bundled sample, CPU)", _cmd_train,
+    add(
+        "train",
+        "train a stage (default: tiny ALIA on the bundled sample, CPU)",
+        _cmd_train,
         "Compose the configuration, prepare the data and train the stage with the configured engine. "
         "Everything goes to run.output_dir (config, data report, metrics.jsonl, TensorBoard, checkpoints, "
-        "loss.png, final/). Rerunning with the same run.output_dir resumes from its newest checkpoint.")
-    show = add("show", "print the resolved configuration as YAML", _cmd_show,
-               "Compose and validate the configuration and print it, fully resolved, as YAML.")
+        "loss.png, final/). Rerunning with the same run.output_dir resumes from its newest checkpoint.",
+    )
+    show = add(
+        "show",
+        "print the resolved configuration as YAML",
+        _cmd_show,
+        "Compose and validate the configuration and print it, fully resolved, as YAML.",
+    )
     show.add_argument("--list-recipes", action="store_true", help="list the recipes recipe=NAME accepts")
-    add("model-info", "print parameter counts of model= as JSON (analytic, transformers, megatron-core)",
+    add(
+        "model-info",
+        "print parameter counts of model= as JSON (analytic, transformers, megatron-core)",
         _cmd_model_info,
         "Count the chosen model's total and embedding parameters three ways: the analytic formula, a "
         "transformers LlamaForCausalLM built on the meta device, and a megatron-core GPTModel built on the "
-        "meta device. Exits 1 if they disagree.")
+        "meta device. Exits 1 if they disagree.",
+    )
     for name, help_ in RESERVED.items():
         add(name, f"(reserved) {help_}", _reserved(name))
     return parser

@@ -134,7 +134,11 @@ def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"{key}: required key is missing; set it with {key}=VALUE"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{key}: {msg} (got {err.get('input')!r})" if "input" in err and not isinstance(err["input"], dict) else f"{key}: {msg}"
+    return (
+        f"{key}: {msg} (got {err.get('input')!r})"
+        if "input" in err and not isinstance(err["input"], dict)
+        else f"{key}: {msg}"
+    )
 
 
 def validate_config(data: dict[str, Any]) -> AliaConfig:

@@ -135,7 +135,9 @@ class JsonlMetrics:
                 # Marks each attempt; after a resume its step is the checkpoint's.
                 if state.is_world_process_zero:
                     with open(path, "a") as f:
-                        f.write(json.dumps({"event": "train_begin", "step": state.global_step, "time": time.time()}) + "\n")
+                        f.write(
+                            json.dumps({"event": "train_begin", "step": state.global_step, "time": time.time()}) + "\n"
+                        )
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if state.is_world_process_zero and logs:
@@ -146,8 +148,15 @@ class JsonlMetrics:
         return _Callback()
 
 
-def train_sft(cfg: AliaConfig, train_rows, val_rows, tokenizer_dir: Path, output_dir: Path,
-              use_cpu: bool = True, report_to: list[str] | None = None) -> dict[str, Any]:
+def train_sft(
+    cfg: AliaConfig,
+    train_rows,
+    val_rows,
+    tokenizer_dir: Path,
+    output_dir: Path,
+    use_cpu: bool = True,
+    report_to: list[str] | None = None,
+) -> dict[str, Any]:
     """Run (or resume) the stage with transformers' Trainer; the final model goes to ``output_dir/final``.
 
     Works alone or inside a Ray Train worker (torch.distributed already set up: DDP over gloo/NCCL).

@@ -71,7 +71,9 @@ def read_conversations(files: list[str], on_invalid: str = "error") -> tuple[lis
     return conversations, dropped
 
 
-def split_train_val(items: list[Conversation], val_fraction: float, seed: int) -> tuple[list[Conversation], list[Conversation]]:
+def split_train_val(
+    items: list[Conversation], val_fraction: float, seed: int
+) -> tuple[list[Conversation], list[Conversation]]:
     """Seeded, disjoint split; at least one validation conversation when the fraction is positive."""
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
@@ -101,7 +103,9 @@ def prepare_sft(data: DataConfig, tokenizer, seq_length: int, seed: int) -> Prep
             if split == "train":
                 languages[conv.language or "unknown"] += 1
     if not out["train"]:
-        raise DataError(f"no training conversation left (dropped: {dict(dropped)}); check data.files and stage.seq_length")
+        raise DataError(
+            f"no training conversation left (dropped: {dict(dropped)}); check data.files and stage.seq_length"
+        )
     report = {
         "files": list(data.files),
         "conversations_read": rows_read,

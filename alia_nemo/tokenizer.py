@@ -94,8 +94,14 @@ def train_test_spm(texts: Iterable[str], vocab_size: int = TEST_VOCAB_SIZE) -> b
         vocab_size=vocab_size,
         byte_fallback=True,
         split_digits=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        pad_piece="<pad>",
         user_defined_symbols=[IM_START, IM_END],
         # Keep text as written: no NFKC, newlines survive (they fall back to the <0x0A> byte).
         normalization_rule_name="identity",
@@ -117,7 +123,9 @@ def build_test_tokenizer(cache_dir: str | os.PathLike | None = None, vocab_size:
     from transformers import AutoTokenizer
 
     texts = sample_texts()
-    key = hashlib.sha256(("\n".join(texts) + f"|{vocab_size}|{TEST_TOKENIZER_RECIPE}|{CHAT_TEMPLATE}").encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        ("\n".join(texts) + f"|{vocab_size}|{TEST_TOKENIZER_RECIPE}|{CHAT_TEMPLATE}").encode()
+    ).hexdigest()[:16]
     root = Path(cache_dir or os.environ.get("ALIA_NEMO_CACHE", Path.home() / ".cache" / "alia_nemo"))
     target = root / "tokenizers" / f"test-{key}"
     if not (target / "tokenizer_config.json").exists():

@@ -31,7 +31,9 @@ def pytest_collection_modifyitems(config, items):
     """Skip ``nemo_rl``-marked tests where NeMo-RL is not importable (everywhere but its container)."""
     if importlib.util.find_spec("nemo_rl") is not None:
         return
-    skip = pytest.mark.skip(reason="nemo_rl not importable: run in the NeMo-RL container or with its source on PYTHONPATH")
+    skip = pytest.mark.skip(
+        reason="nemo_rl not importable: run in the NeMo-RL container or with its source on PYTHONPATH"
+    )
     for item in items:
         if "nemo_rl" in item.keywords:
             item.add_marker(skip)

@@ -5,15 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ANSWERS = ["Sí.", "Dimarts.", "La capital de França és París, una ciutat molt gran i molt bonica amb molts museus "
-           "i monuments que visiten milions de persones cada any.", "4."]
+ANSWERS = [
+    "Sí.",
+    "Dimarts.",
+    "La capital de França és París, una ciutat molt gran i molt bonica amb molts museus "
+    "i monuments que visiten milions de persones cada any.",
+    "4.",
+]
 
 
 def write_uneven_conversations(path: Path) -> str:
     """Four conversations whose answers range from one word to a long sentence."""
     rows = [
-        {"id": f"u{i}", "language": "ca",
-         "messages": [{"role": "user", "content": f"Pregunta {i}?"}, {"role": "assistant", "content": a}]}
+        {
+            "id": f"u{i}",
+            "language": "ca",
+            "messages": [{"role": "user", "content": f"Pregunta {i}?"}, {"role": "assistant", "content": a}],
+        }
         for i, a in enumerate(ANSWERS)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -50,14 +50,27 @@ def test_40b_breakdown_matches_card():
     assert s.layer_parameters() == 150_994_944 + 603_979_776 + 2 * 8192
     assert 2 * 2_097_152_000 + 48 * s.layer_parameters() + 8192 == 40_433_885_184
     assert (s.num_layers, s.hidden_size, s.num_attention_heads, s.num_key_value_heads, s.intermediate_size) == (
-        48, 8192, 64, 8, 24576)
-    assert (s.vocab_size, s.rms_norm_eps, s.rope_theta, s.head_dim, s.tie_word_embeddings) == (256000, 1e-5, 10000.0, 128, False)
+        48,
+        8192,
+        64,
+        8,
+        24576,
+    )
+    assert (s.vocab_size, s.rms_norm_eps, s.rope_theta, s.head_dim, s.tie_word_embeddings) == (
+        256000,
+        1e-5,
+        10000.0,
+        128,
+        False,
+    )
 
 
 def test_tiny_is_same_family_and_small():
     tiny = get_spec("alia_tiny")
     assert 100_000 < tiny.total_parameters() < 1_000_000
-    assert tiny.num_attention_heads % tiny.num_key_value_heads == 0 and tiny.num_key_value_heads < tiny.num_attention_heads
+    assert (
+        tiny.num_attention_heads % tiny.num_key_value_heads == 0 and tiny.num_key_value_heads < tiny.num_attention_heads
+    )
 
 
 def test_hf_config_fields():
@@ -65,8 +78,12 @@ def test_hf_config_fields():
     assert cfg.model_type == "llama" and cfg.max_position_embeddings == 32768
     assert (cfg.hidden_act, cfg.attention_bias, cfg.mlp_bias, cfg.tie_word_embeddings) == ("silu", False, False, False)
     assert cfg.rope_parameters == {
-        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 4096,
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 4096,
     }
     assert get_spec("alia_40b").hf_config().max_position_embeddings == 4096
 
@@ -94,11 +111,25 @@ def test_rope_scaling_changes_the_frequencies():
 def test_megatron_kwargs():
     kw = get_spec("alia_40b").megatron_kwargs(32768, RopeSettings("llama3", factor=8.0))
     assert kw == {
-        "num_layers": 48, "hidden_size": 8192, "ffn_hidden_size": 24576, "num_attention_heads": 64,
-        "num_query_groups": 8, "kv_channels": 128, "gated_linear_unit": True, "activation": "silu",
-        "normalization": "RMSNorm", "layernorm_epsilon": 1e-5, "add_bias_linear": False, "add_qkv_bias": False,
-        "share_embeddings_and_output_weights": False, "position_embedding_type": "rope", "rotary_base": 10000.0,
-        "rope_scaling": True, "rope_scaling_factor": 8.0, "seq_length": 32768, "vocab_size": 256000,
+        "num_layers": 48,
+        "hidden_size": 8192,
+        "ffn_hidden_size": 24576,
+        "num_attention_heads": 64,
+        "num_query_groups": 8,
+        "kv_channels": 128,
+        "gated_linear_unit": True,
+        "activation": "silu",
+        "normalization": "RMSNorm",
+        "layernorm_epsilon": 1e-5,
+        "add_bias_linear": False,
+        "add_qkv_bias": False,
+        "share_embeddings_and_output_weights": False,
+        "position_embedding_type": "rope",
+        "rotary_base": 10000.0,
+        "rope_scaling": True,
+        "rope_scaling_factor": 8.0,
+        "seq_length": 32768,
+        "vocab_size": 256000,
     }
 
 

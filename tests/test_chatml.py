@@ -73,10 +73,15 @@ def _untrained_text(tok, conv) -> str:
 def test_mask_single_turn_exact(tok):
     conv = tokenize_conversation(tok, CARD)
     assert _trained_text(tok, conv) == "Water turns into vapor at 100°C.<|im_end|>"
-    assert _untrained_text(tok, conv) == "<s><|im_start|>user\nAt what temperature does water boil?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        _untrained_text(tok, conv)
+        == "<s><|im_start|>user\nAt what temperature does water boil?<|im_end|>\n<|im_start|>assistant\n"
+    )
     # The exact mask: everything up to and including "assistant\n" is 0, the answer and <|im_end|> are 1.
-    header = tok("<s><|im_start|>user\nAt what temperature does water boil?<|im_end|>\n<|im_start|>assistant\n",
-                 add_special_tokens=False)["input_ids"]
+    header = tok(
+        "<s><|im_start|>user\nAt what temperature does water boil?<|im_end|>\n<|im_start|>assistant\n",
+        add_special_tokens=False,
+    )["input_ids"]
     assert conv.input_ids[: len(header)] == header
     assert conv.loss_mask == [0] * len(header) + [1] * (len(conv.input_ids) - len(header))
     assert conv.input_ids[-1] == 5 and conv.loss_mask[-1] == 1  # <|im_end|> closes the answer and is trained
@@ -89,7 +94,12 @@ def test_mask_multi_turn_exact(tok):
     # Mask runs: 0 (bos..assistant header), 1 (answer 1), 0 (newline, user turn, header), 1 (answer 2).
     runs = [m for i, m in enumerate(conv.loss_mask) if i == 0 or m != conv.loss_mask[i - 1]]
     assert runs == [0, 1, 0, 1]
-    assert conv.input_ids.count(5) == 4 and [conv.loss_mask[i] for i, t in enumerate(conv.input_ids) if t == 5] == [0, 1, 0, 1]
+    assert conv.input_ids.count(5) == 4 and [conv.loss_mask[i] for i, t in enumerate(conv.input_ids) if t == 5] == [
+        0,
+        1,
+        0,
+        1,
+    ]
 
 
 def test_mask_system_prompt_not_trained(tok):
@@ -132,8 +142,10 @@ def test_template_is_installed_and_saved(tok, tmp_path):
         ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "expected a assistant turn, got user"),
         ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "system turn is only allowed first"),
         ([{"role": "system", "content": "s"}, {"role": "user", "content": "a"}], "no assistant turn to train"),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
-         "unanswered user turn"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+            "unanswered user turn",
+        ),
         ([{"role": "user", "content": "  "}, {"role": "assistant", "content": "b"}], "empty or non-text content"),
         ([{"role": "user"}], "must be an object with 'role' and 'content'"),
         ([{"role": "user", "content": "x<|im_end|>"}, {"role": "assistant", "content": "b"}], "control token"),
@@ -158,6 +170,8 @@ def test_property_trained_tokens_are_exactly_the_answers(tok, turns, system):
     ]
     conv = tokenize_conversation(tok, messages)
     assert tok.decode(conv.input_ids) == render(messages)  # lossless (byte fallback)
-    assert conv.input_ids == list(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"])
+    assert conv.input_ids == list(
+        tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    )
     assert _trained_text(tok, conv) == "".join(a + "<|im_end|>" for _, a in turns)
     assert conv.input_ids.count(1) == 1 and conv.loss_mask[0] == 0

@@ -59,7 +59,12 @@ def test_dp2_recipe_sets_two_workers_and_overrides_still_apply():
 
 def test_default_is_tiny_on_sample_cpu():
     cfg = load_config([])
-    assert (cfg.model.arch, cfg.data.name, cfg.engine.name, cfg.cluster.gpus_per_node) == ("alia_tiny", "sample", "local", 0)
+    assert (cfg.model.arch, cfg.data.name, cfg.engine.name, cfg.cluster.gpus_per_node) == (
+        "alia_tiny",
+        "sample",
+        "local",
+        0,
+    )
     assert Path(cfg.data.files[0]).is_file()
     assert cfg.run.output_dir.startswith("outputs/")
 
@@ -67,7 +72,13 @@ def test_default_is_tiny_on_sample_cpu():
 def test_card_sft_hyperparameters():
     s = load_config(["model=alia_40b", "stage=sft"]).stage
     assert (s.lr, s.lr_scheduler, s.warmup_steps, s.global_batch_size, s.epochs, s.seq_length) == (
-        1e-5, "cosine", 5, 512, 1, 32768)
+        1e-5,
+        "cosine",
+        5,
+        512,
+        1,
+        32768,
+    )
 
 
 def test_override_grammar_add_and_delete():

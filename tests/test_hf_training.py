@@ -11,7 +11,9 @@ from tests.helpers import read_jsonl, save_peaked_tiny_model, token_and_sequence
 
 
 def test_collator_pads_inputs_and_ignores_padding_in_labels():
-    batch = SFTCollator(pad_id=3)([{"input_ids": [1, 7, 8], "labels": [-100, 7, 8]}, {"input_ids": [1, 9], "labels": [-100, 9]}])
+    batch = SFTCollator(pad_id=3)(
+        [{"input_ids": [1, 7, 8], "labels": [-100, 7, 8]}, {"input_ids": [1, 9], "labels": [-100, 9]}]
+    )
     assert batch["input_ids"].tolist() == [[1, 7, 8], [1, 9, 3]]
     assert batch["labels"].tolist() == [[-100, 7, 8], [-100, 9, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
@@ -41,11 +43,19 @@ def uneven_setup(tmp_path, tok):
 def test_loss_is_the_mean_over_trained_tokens_of_the_global_batch(tmp_path, tok, uneven_setup):
     model_dir, data_file, tok_dir = uneven_setup
     # One optimizer step whose global batch is all four conversations: 4 micro-batches of 1, accumulated.
-    cfg = load_config([
-        f"model.pretrained={model_dir}", f"data.files=[{data_file}]", "data.val_fraction=0",
-        "stage.global_batch_size=4", "stage.micro_batch_size=1", "stage.max_steps=1", "stage.warmup_steps=0",
-        f"run.output_dir={tmp_path / 'run'}", "run.save_every=1",
-    ])
+    cfg = load_config(
+        [
+            f"model.pretrained={model_dir}",
+            f"data.files=[{data_file}]",
+            "data.val_fraction=0",
+            "stage.global_batch_size=4",
+            "stage.micro_batch_size=1",
+            "stage.max_steps=1",
+            "stage.warmup_steps=0",
+            f"run.output_dir={tmp_path / 'run'}",
+            "run.save_every=1",
+        ]
+    )
     assert cfg.grad_accumulation == 4
     data = prepare_sft(cfg.data, tok, cfg.stage.seq_length, cfg.run.seed)
     token_mean, sequence_mean = token_and_sequence_means(model_dir, data.train)
@@ -60,10 +70,18 @@ def test_loss_is_the_mean_over_trained_tokens_of_the_global_batch(tmp_path, tok,
 
 
 def test_schedule_clipping_and_steps(tmp_path, tok):
-    cfg = load_config([
-        "stage.max_steps=12", "stage.warmup_steps=4", "stage.lr=0.01", "stage.lr_scheduler=cosine",
-        "stage.grad_clip=0.5", "run.save_every=5", "run.keep_checkpoints=2", f"run.output_dir={tmp_path}",
-    ])
+    cfg = load_config(
+        [
+            "stage.max_steps=12",
+            "stage.warmup_steps=4",
+            "stage.lr=0.01",
+            "stage.lr_scheduler=cosine",
+            "stage.grad_clip=0.5",
+            "run.save_every=5",
+            "run.keep_checkpoints=2",
+            f"run.output_dir={tmp_path}",
+        ]
+    )
     data = prepare_sft(cfg.data, tok, cfg.stage.seq_length, cfg.run.seed)
     tok.save_pretrained(tmp_path / "tok")
     metrics = train_sft(cfg, data.train, data.val, tmp_path / "tok", tmp_path, report_to=[])

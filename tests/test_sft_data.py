@@ -17,7 +17,11 @@ def _write(path, rows):
 
 
 def _conv(i, answer="Bé.", user="Com estàs?"):
-    return {"id": f"c{i}", "language": "ca", "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+    return {
+        "id": f"c{i}",
+        "language": "ca",
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+    }
 
 
 def test_bundled_sample_is_as_documented():
@@ -40,10 +44,17 @@ def test_invalid_row_stops_with_file_line_and_fix(tmp_path):
 
 
 def test_invalid_rows_dropped_and_counted_by_reason(tmp_path):
-    f = _write(tmp_path / "d.jsonl", [
-        _conv(1), "{not json", {"id": "r", "messages": [{"role": "robot", "content": "x"}]},
-        {"no_messages": 1}, _conv(2), {"id": "u", "messages": [{"role": "user", "content": "q"}]},
-    ])
+    f = _write(
+        tmp_path / "d.jsonl",
+        [
+            _conv(1),
+            "{not json",
+            {"id": "r", "messages": [{"role": "robot", "content": "x"}]},
+            {"no_messages": 1},
+            _conv(2),
+            {"id": "u", "messages": [{"role": "user", "content": "q"}]},
+        ],
+    )
     convs, dropped = read_conversations([f], on_invalid="drop")
     assert [c.id for c in convs] == ["c1", "c2"]
     assert dropped == {

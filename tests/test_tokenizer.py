@@ -42,11 +42,17 @@ def test_load_from_local_directory_installs_chatml(tok, tmp_path):
     tok.save_pretrained(tmp_path)
     (tmp_path / "chat_template.jinja").write_text("{{ 'other template' }}")
     loaded = load_pretrained_tokenizer(str(tmp_path))
-    assert loaded.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == "<s><|im_start|>user\nx<|im_end|>"
+    assert (
+        loaded.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+        == "<s><|im_start|>user\nx<|im_end|>"
+    )
 
 
 def test_missing_hub_id_offline_is_a_clear_error():
-    with pytest.raises(TokenizerError, match=r"'BSC-LT/not-a-model' is neither a local directory nor in the Hugging Face cache.*hf download"):
+    with pytest.raises(
+        TokenizerError,
+        match=r"'BSC-LT/not-a-model' is neither a local directory nor in the Hugging Face cache.*hf download",
+    ):
         load_tokenizer("BSC-LT/not-a-model", allow_download=True)  # HF_HUB_OFFLINE=1 in tests wins
 
 

@@ -25,7 +25,11 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     cfg = AliaConfig.model_validate(config["cfg"])
     metrics = train_sft(
-        cfg, config["train"], config["val"], Path(config["tokenizer_dir"]), Path(config["output_dir"]),
+        cfg,
+        config["train"],
+        config["val"],
+        Path(config["tokenizer_dir"]),
+        Path(config["output_dir"]),
         use_cpu=not cfg.engine.use_gpu,
     )
     if ray.train.get_context().get_world_rank() == 0:
@@ -61,14 +65,15 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
     from alia_nemo.sft_data import prepare_sft
     from alia_nemo.tokenizer import load_tokenizer
 
+    # Inputs first: a bad tokenizer or data file fails before anything is written.
+    tokenizer = load_tokenizer(cfg.model.tokenizer, allow_download=cfg.model.allow_download)
+    data = prepare_sft(cfg.data, tokenizer, cfg.stage.seq_length, cfg.run.seed)
+
     out = Path(cfg.run.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
-
-    tokenizer = load_tokenizer(cfg.model.tokenizer, allow_download=cfg.model.allow_download)
     tokenizer_dir = out / "tokenizer"
     tokenizer.save_pretrained(str(tokenizer_dir))
-    data = prepare_sft(cfg.data, tokenizer, cfg.stage.seq_length, cfg.run.seed)
     (out / "data_report.json").write_text(json.dumps(data.report, indent=2))
     print(f"[alia-nemo] data: {json.dumps(data.report)}")
 

@@ -38,8 +38,15 @@ def test_default_job_trains_loss_falls_and_final_model_chats(tmp_path):
     assert summary["train"]["global_step"] == 12 * 18  # 12 epochs x ceil(285 / 16) steps
     assert summary["data"]["train"] == 285 and summary["data"]["val"] == 15 and summary["data"]["dropped"] == {}
     assert summary["train"]["eval_loss"] < first
-    for artefact in ("config.yaml", "data_report.json", "loss.png", "final/config.json", "final/model.safetensors",
-                     "final/tokenizer_config.json", "final/generation_config.json"):
+    for artefact in (
+        "config.yaml",
+        "data_report.json",
+        "loss.png",
+        "final/config.json",
+        "final/model.safetensors",
+        "final/tokenizer_config.json",
+        "final/generation_config.json",
+    ):
         assert (out / artefact).is_file(), artefact
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -49,10 +56,14 @@ def test_default_job_trains_loss_falls_and_final_model_chats(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.max_position_embeddings == 4096
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Quin dia ve després de dilluns?"}],
-                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Quin dia ve després de dilluns?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     assert prompt["input_ids"][0].tolist().count(1) == 1
-    generated = model.generate(**prompt, max_new_tokens=48, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
+    generated = model.generate(**prompt, max_new_tokens=48, do_sample=False)[0, prompt["input_ids"].shape[1] :].tolist()
     assert generated[-1] == 5, tok.decode(generated)  # stopped on <|im_end|> by itself
     assert tok.decode(generated, skip_special_tokens=True).strip()
 
@@ -60,11 +71,19 @@ def test_default_job_trains_loss_falls_and_final_model_chats(tmp_path):
 def test_two_workers_average_loss_over_all_trained_tokens(tmp_path, tok):
     model_dir = save_peaked_tiny_model(tmp_path / "peaked")
     data_file = write_uneven_conversations(tmp_path / "uneven.jsonl")
-    cfg = load_config([
-        "recipe=sft-alia-tiny-1n0g-dp2", f"model.pretrained={model_dir}", f"data.files=[{data_file}]",
-        "data.val_fraction=0", "stage.global_batch_size=4", "stage.micro_batch_size=1", "stage.max_steps=2",
-        "stage.warmup_steps=0", f"run.output_dir={tmp_path / 'run'}",
-    ])
+    cfg = load_config(
+        [
+            "recipe=sft-alia-tiny-1n0g-dp2",
+            f"model.pretrained={model_dir}",
+            f"data.files=[{data_file}]",
+            "data.val_fraction=0",
+            "stage.global_batch_size=4",
+            "stage.micro_batch_size=1",
+            "stage.max_steps=2",
+            "stage.warmup_steps=0",
+            f"run.output_dir={tmp_path / 'run'}",
+        ]
+    )
     assert (cfg.engine.num_workers, cfg.grad_accumulation) == (2, 2)
     token_mean, sequence_mean = token_and_sequence_means(model_dir, prepare_sft(cfg.data, tok, 256, 0).train)
     assert abs(token_mean - sequence_mean) > 20 * 1e-4 * token_mean
@@ -100,6 +119,6 @@ def test_interrupted_run_resumes_from_its_newest_checkpoint(tmp_path):
     rows = read_jsonl(out / "metrics.jsonl")
     begins = [i for i, r in enumerate(rows) if r.get("event") == "train_begin"]
     assert [rows[i]["step"] for i in begins] == [0, resume_step]
-    resumed_steps = [r["step"] for r in rows[begins[1]:] if "loss" in r]
+    resumed_steps = [r["step"] for r in rows[begins[1] :] if "loss" in r]
     assert resumed_steps[0] == resume_step + 1 and resumed_steps[-1] == 72
     assert resumed_steps == list(range(resume_step + 1, 73))

@@ -1,0 +1,84 @@
+"""The ``alia-nemo`` dispatcher: help, show, model-info, reserved names, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alia_nemo.cli import RESERVED, main
+from alia_nemo.config_schema import validate_config
+
+COMMANDS = ["train", "show", "model-info", *RESERVED]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert f"alia-nemo {command}" in out and "OVERRIDE" in out and "+key=value" in out
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(c in out for c in COMMANDS)
+
+
+def test_show_prints_valid_resolved_yaml(capsys):
+    assert main(["show", "stage.lr=0.002", "model=alia_7b"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    cfg = validate_config(data)
+    assert (cfg.stage.lr, cfg.model.arch) == (0.002, "alia_7b")
+    assert "${" not in json.dumps(data)  # fully resolved
+
+
+def test_show_lists_recipes(capsys):
+    assert main(["show", "--list-recipes"]) == 0
+    assert "sft-alia-tiny-1n0g-dp2" in capsys.readouterr().out.split()
+
+
+def test_model_info_40b_exact(capsys):
+    assert main(["model-info", "model=alia_40b"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for method in ("analytic", "transformers_meta", "megatron_core_meta"):
+        assert report[method] == {"total": 40_433_885_184, "embedding": 2_097_152_000}, method
+    assert report["agree"] is True and report["model"] == "alia_40b"
+
+
+@pytest.mark.parametrize("command", sorted(RESERVED))
+def test_reserved_commands_say_not_yet(command, capsys):
+    assert main([command]) == 2
+    assert "not available in this version yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["show", "+stage.lrr=1"], "stage.lrr: unknown key"),
+        (["train", "stage.lr=abc"], "stage.lr: Input should be a valid number"),
+        (["model-info", "model=alia_13b"], "Could not find 'model/alia_13b'"),
+        (
+            ["train", "data.files=[/nonexistent.jsonl]", "run.output_dir=/tmp/alia-nemo-never"],
+            "does not exist; fix data.files",
+        ),
+    ],
+)
+def test_errors_exit_2_with_a_message(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"alia-nemo {argv[0]}: error:") and message in err
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "alia-nemo"
+    proc = subprocess.run([str(script), "show", "engine.num_workers=2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["engine"]["num_workers"] == 2
