@@ -52,11 +52,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     summary = run_stage(load_config(args.overrides))
     train = summary["train"]
-    print(
-        f"[alia-nemo] done: {train.get('global_step')} steps, train loss {train.get('train_loss', float('nan')):.4f}"
-        + (f", validation loss {train['eval_loss']:.4f}" if "eval_loss" in train else "")
-        + f"\n[alia-nemo] final model: {summary['final_model']}\n[alia-nemo] loss curve: {summary['loss_plot']}"
-    )
+    line = f"[alia-nemo] done: {train.get('global_step')} steps"
+    if "first_loss" in train:
+        line += f", loss {train['first_loss']:.3f} (first step) -> {train['last_loss']:.3f} (last step)"
+    if "eval_loss" in train:
+        line += f", validation loss {train['eval_loss']:.3f}"
+    print(line)
+    print(f"[alia-nemo] final model: {summary['final_model']}\n[alia-nemo] loss curve: {summary['loss_plot']}")
     return 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from alia_nemo.config_compose import to_yaml
-from alia_nemo.config_schema import AliaConfig
+from alia_nemo.config_schema import AliaConfig, ConfigError
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -45,7 +45,8 @@ def _init_ray(cfg: AliaConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # Embedded: bind to loopback only and skip the dashboard; a laptop run should open no ports.
+    # Embedded: a loopback node address and no dashboard. Ray's own gRPC ports still listen on every
+    # interface (Ray can not be confined to loopback); Ray >= 2.60 puts token authentication on them.
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(cfg.engine.num_workers * cfg.engine.cpus_per_worker)),
         include_dashboard=False,
@@ -55,17 +56,43 @@ def _init_ray(cfg: AliaConfig) -> None:
     )
 
 
+# fp32 weights + gradients + two AdamW moments: 16 bytes per parameter before activations.
+BYTES_PER_PARAMETER = 16
+
+
+def check_fits_in_memory(cfg: AliaConfig, available_bytes: int | None = None) -> None:
+    """Refuse a CPU run whose model and optimizer state alone exceed the machine's memory.
+
+    Loading ALIA-40b on a laptop would otherwise swap or be killed minutes later, far from the cause.
+    """
+    if cfg.engine.use_gpu:
+        return
+    from alia_nemo.architectures import get_spec
+
+    if available_bytes is None:
+        available_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = get_spec(cfg.model.arch).total_parameters() * BYTES_PER_PARAMETER * cfg.engine.num_workers
+    if need > available_bytes:
+        raise ConfigError(
+            f"model.arch={cfg.model.arch} needs about {need / 2**30:.0f} GiB for weights, gradients and AdamW state "
+            f"on {cfg.engine.num_workers} CPU worker(s), more than this machine's {available_bytes / 2**30:.0f} GiB. "
+            "Train it on GPUs (engine.use_gpu=true on a GPU Ray cluster, or the NeMo-RL engine), or pick "
+            "model=alia_tiny for a local run."
+        )
+
+
 def run_local(cfg: AliaConfig) -> dict[str, Any]:
     """Train ``cfg``'s stage on Ray and return the run summary (also written to ``summary.json``)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from alia_nemo.plots import plot_loss
+    from alia_nemo.plots import plot_loss, read_metrics
     from alia_nemo.sft_data import prepare_sft
     from alia_nemo.tokenizer import load_tokenizer
 
-    # Inputs first: a bad tokenizer or data file fails before anything is written.
+    # Inputs first: a model too big for the machine, a bad tokenizer or data file fails before anything is written.
+    check_fits_in_memory(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer, allow_download=cfg.model.allow_download)
     data = prepare_sft(cfg.data, tokenizer, cfg.stage.seq_length, cfg.run.seed)
 
@@ -101,6 +128,9 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
             ray.shutdown()
 
     result = json.loads((out / "train_result.json").read_text())
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    if losses:
+        result["first_loss"], result["last_loss"] = losses[0], losses[-1]
     plot = plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.stage.name} / {cfg.model.arch}")
     summary = {
         "output_dir": str(out),

@@ -122,3 +122,17 @@ def test_interrupted_run_resumes_from_its_newest_checkpoint(tmp_path):
     resumed_steps = [r["step"] for r in rows[begins[1] :] if "loss" in r]
     assert resumed_steps[0] == resume_step + 1 and resumed_steps[-1] == 72
     assert resumed_steps == list(range(resume_step + 1, 73))
+
+
+@pytest.mark.parametrize(("arch", "fits"), [("alia_tiny", True), ("alia_2b", False), ("alia_40b", False)])
+def test_cpu_run_refuses_models_that_cannot_fit(arch, fits):
+    from alia_nemo.config_schema import ConfigError
+    from alia_nemo.engines.local import check_fits_in_memory
+
+    cfg = load_config([f"model={arch}"])
+    if fits:
+        check_fits_in_memory(cfg, available_bytes=24 * 2**30)
+    else:
+        with pytest.raises(ConfigError, match=rf"model.arch={arch} needs about \d+ GiB.*model=alia_tiny"):
+            check_fits_in_memory(cfg, available_bytes=24 * 2**30)
+    check_fits_in_memory(load_config([f"model={arch}", "engine.use_gpu=true"]), available_bytes=1)
