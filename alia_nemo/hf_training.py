@@ -97,7 +97,7 @@ def training_arguments(cfg: AliaConfig, output_dir: Path, use_cpu: bool, report_
         adam_beta1=cfg.stage.adam_beta1,
         adam_beta2=cfg.stage.adam_beta2,
         adam_epsilon=cfg.stage.adam_eps,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # AdamW, fused kernel (CPU and CUDA)
         max_grad_norm=cfg.stage.grad_clip,
         num_train_epochs=cfg.stage.epochs,
         max_steps=cfg.stage.max_steps or -1,

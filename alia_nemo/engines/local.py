@@ -36,15 +36,16 @@ def _train_loop(config: dict[str, Any]) -> None:
         Path(config["output_dir"], "train_result.json").write_text(json.dumps(metrics, indent=2))
 
 
-def _init_ray(cfg: AliaConfig) -> None:
+def _init_ray(cfg: AliaConfig) -> bool:
+    """Connect to the configured cluster or start an embedded one; True when this call connected."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = cfg.engine.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        return
+        return True
     # Embedded: a loopback node address and no dashboard. Ray's own gRPC ports still listen on every
     # interface (Ray can not be confined to loopback); Ray >= 2.60 puts token authentication on them.
     ray.init(
@@ -54,6 +55,7 @@ def _init_ray(cfg: AliaConfig) -> None:
         log_to_driver=True,
         configure_logging=False,
     )
+    return True
 
 
 # fp32 weights + gradients + two AdamW moments: 16 bytes per parameter before activations.
@@ -104,7 +106,8 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
     (out / "data_report.json").write_text(json.dumps(data.report, indent=2))
     print(f"[alia-nemo] data: {json.dumps(data.report)}")
 
-    _init_ray(cfg)
+    connected = _init_ray(cfg)
+    ray_cluster = ray.get_runtime_context().gcs_address
     try:
         trainer = TorchTrainer(
             _train_loop,
@@ -124,7 +127,7 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
         )
         trainer.fit()
     finally:
-        if not (cfg.engine.ray_address or os.environ.get("RAY_ADDRESS")):
+        if connected:  # stops an embedded cluster; only disconnects from an external one
             ray.shutdown()
 
     result = json.loads((out / "train_result.json").read_text())
@@ -137,6 +140,7 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
         "final_model": str(out / "final"),
         "loss_plot": str(plot),
         "host": socket.gethostname(),
+        "ray_cluster": ray_cluster,
         "data": data.report,
         "train": result,
     }

@@ -29,7 +29,7 @@ def test_default_job_trains_loss_falls_and_final_model_chats(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([*CLI, "train", f"run.output_dir={out}"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "final model:" in proc.stdout
+    assert "final model:" in proc.stdout and "(first step) ->" in proc.stdout
 
     losses = _losses(out / "metrics.jsonl")
     first, last = losses[0][1], sum(v for _, v in losses[-10:]) / 10
@@ -136,3 +136,36 @@ def test_cpu_run_refuses_models_that_cannot_fit(arch, fits):
         with pytest.raises(ConfigError, match=rf"model.arch={arch} needs about \d+ GiB.*model=alia_tiny"):
             check_fits_in_memory(cfg, available_bytes=24 * 2**30)
     check_fits_in_memory(load_config([f"model={arch}", "engine.use_gpu=true"]), available_bytes=1)
+
+
+def test_runs_on_an_existing_ray_cluster(tmp_path):
+    import socket
+    import tempfile
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+         "--disable-usage-stats", f"--temp-dir={temp_dir}", "--block"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        for _ in range(60):
+            probe = subprocess.run([ray_bin, "status", f"--address=127.0.0.1:{port}"], capture_output=True, timeout=30)
+            if probe.returncode == 0:
+                break
+            assert head.poll() is None, "ray head exited"
+            time.sleep(1)
+        cfg = load_config([f"engine.ray_address=127.0.0.1:{port}", "stage.max_steps=3", f"run.output_dir={tmp_path}"])
+        summary = run_local(cfg)
+        assert summary["ray_cluster"].endswith(f":{port}")
+        assert summary["train"]["global_step"] == 3 and (tmp_path / "final" / "model.safetensors").is_file()
+        # The cluster outlives the run: only the driver disconnected.
+        assert head.poll() is None
+        assert subprocess.run([ray_bin, "status", f"--address=127.0.0.1:{port}"], capture_output=True).returncode == 0
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
