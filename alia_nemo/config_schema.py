@@ -97,7 +97,8 @@ class RunConfig(_Section):
     seed: int = 42
     save_every: int = Field(50, gt=0, description="checkpoint every N optimizer steps (and always at the end)")
     keep_checkpoints: int | None = Field(3, gt=0, description="newest checkpoints kept (null: all)")
-    log_every: int = Field(1, gt=0)
+    log_every: int = Field(1, gt=0, description="metrics (JSONL, TensorBoard) every N optimizer steps")
+    print_every: int = Field(20, gt=0, description="a progress line on the console every N optimizer steps")
     eval_every: int | None = Field(None, gt=0, description="validation every N steps (and at the end)")
     resume: bool = Field(True, description="continue from the newest checkpoint in output_dir")
 

@@ -124,28 +124,36 @@ def training_arguments(cfg: AliaConfig, output_dir: Path, use_cpu: bool, report_
     )
 
 
-class JsonlMetrics:
-    """Trainer callback: one JSON line per log event in ``metrics.jsonl`` (main process only)."""
+def metrics_callback(path: Path, print_every: int):
+    """A Trainer callback (main process only) that appends every log event to ``metrics.jsonl`` and prints
+    one short progress line every ``print_every`` steps (in place of transformers' per-step dict dump)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, path: Path):
-        from transformers import TrainerCallback
+    def append(row: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
-        class _Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                # Marks each attempt; after a resume its step is the checkpoint's.
-                if state.is_world_process_zero:
-                    with open(path, "a") as f:
-                        f.write(
-                            json.dumps({"event": "train_begin", "step": state.global_step, "time": time.time()}) + "\n"
-                        )
+    class MetricsCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            # Marks each attempt; after a resume its step is the checkpoint's.
+            if state.is_world_process_zero:
+                append({"event": "train_begin", "step": state.global_step, "time": time.time()})
 
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if state.is_world_process_zero and logs:
-                    row = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-                    with open(path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not (state.is_world_process_zero and logs):
+                return
+            append({"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs})
+            step = state.global_step
+            if "loss" in logs and (step % print_every == 0 or step in (1, state.max_steps)):
+                print(
+                    f"[alia-nemo] step {step}/{state.max_steps} loss {logs['loss']:.4f} "
+                    f"lr {logs.get('learning_rate', 0):.3g}",
+                    flush=True,
+                )
+            if "eval_loss" in logs:
+                print(f"[alia-nemo] step {step} validation loss {logs['eval_loss']:.4f}", flush=True)
 
-        return _Callback()
+    return MetricsCallback()
 
 
 def train_sft(
@@ -164,7 +172,7 @@ def train_sft(
     """
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, GenerationConfig, Trainer
+    from transformers import AutoTokenizer, GenerationConfig, PrinterCallback, Trainer
 
     threads = cfg.engine.torch_threads or max(1, (os.cpu_count() or 1) // cfg.engine.num_workers)
     torch.set_num_threads(threads)
@@ -179,8 +187,9 @@ def train_sft(
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(val_rows) if val_rows and args.eval_strategy != "no" else None,
         data_collator=SFTCollator(tokenizer.pad_token_id),
-        callbacks=[JsonlMetrics(output_dir / "metrics.jsonl")],
+        callbacks=[metrics_callback(output_dir / "metrics.jsonl", cfg.run.print_every)],
     )
+    trainer.remove_callback(PrinterCallback)  # one dict per step drowns the console (and Ray's log stream)
     resume = newest_complete_checkpoint(output_dir / "checkpoints") if cfg.run.resume else None
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics = dict(result.metrics)

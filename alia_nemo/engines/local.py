@@ -20,7 +20,6 @@ def _train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point (module-level so Ray can pickle it by reference)."""
     import ray.train
 
-    from alia_nemo.config_schema import AliaConfig
     from alia_nemo.hf_training import train_sft
 
     cfg = AliaConfig.model_validate(config["cfg"])
@@ -42,9 +41,12 @@ def _init_ray(cfg: AliaConfig) -> bool:
 
     if ray.is_initialized():
         return False
+    # Ray Train 2.60 re-routes print() through a logger that also writes to the console: every worker
+    # line would reach the driver twice.
+    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     address = cfg.engine.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         return True
     # Embedded: a loopback node address and no dashboard. Ray's own gRPC ports still listen on every
     # interface (Ray can not be confined to loopback); Ray >= 2.60 puts token authentication on them.
@@ -54,6 +56,7 @@ def _init_ray(cfg: AliaConfig) -> bool:
         _node_ip_address="127.0.0.1",
         log_to_driver=True,
         configure_logging=False,
+        runtime_env=runtime_env,
     )
     return True
 
