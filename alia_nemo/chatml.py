@@ -123,6 +123,26 @@ class TokenizedConversation:
         return [t if m else -100 for t, m in zip(self.input_ids, self.loss_mask)]
 
 
+def _text_and_spans(messages: Sequence[Mapping[str, str]], bos_token: str) -> tuple[str, list[tuple[int, int]]]:
+    spans, start, parts = [], 0, []
+    for seg in render_segments(messages, bos_token):
+        if seg.trained:
+            spans.append((start, start + len(seg.text)))
+        start += len(seg.text)
+        parts.append(seg.text)
+    return "".join(parts), spans
+
+
+def _encode(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    # The Rust tokenizer directly when there is one: same ids and offsets as the transformers wrapper
+    # without its per-call Python overhead, and a batch is encoded in parallel.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    encs = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(encs["input_ids"], encs["offset_mapping"]))
+
+
 def tokenize_conversation(
     tokenizer, messages: Sequence[Mapping[str, str]], conversation_id: str = "<unnamed>"
 ) -> TokenizedConversation:
@@ -132,18 +152,34 @@ def tokenize_conversation(
     with ``add_special_tokens=False`` (the template already wrote BOS); character offsets map the
     trained spans onto tokens.
     """
-    validate_conversation(messages, conversation_id)
-    segments = render_segments(messages, tokenizer.bos_token)
-    spans, start = [], 0
-    for seg in segments:
-        if seg.trained:
-            spans.append((start, start + len(seg.text)))
-        start += len(seg.text)
-    text = "".join(s.text for s in segments)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = []
-    for a, b in enc["offset_mapping"]:
-        # A token is trained when it covers any trained character (tokens never straddle the
-        # special <|im_end|> / <|im_start|> boundaries, so this only matters for merges at "\n").
-        mask.append(int(any(a < e and b > s for s, e in spans)))
-    return TokenizedConversation(list(enc["input_ids"]), mask)
+    return tokenize_conversations(tokenizer, [messages], [conversation_id])[0]
+
+
+def tokenize_conversations(
+    tokenizer, conversations: Sequence[Sequence[Mapping[str, str]]], ids: Sequence[str] | None = None
+) -> list[TokenizedConversation]:
+    """:func:`tokenize_conversation` for many conversations with one batched tokenizer call."""
+    ids = ids or [f"#{i}" for i in range(len(conversations))]
+    rendered = []
+    for messages, cid in zip(conversations, ids):
+        validate_conversation(messages, cid)
+        rendered.append(_text_and_spans(messages, tokenizer.bos_token))
+    encoded = _encode(tokenizer, [text for text, _ in rendered])
+    return [
+        TokenizedConversation(list(tok_ids), overlap_mask(offsets, spans))
+        for (tok_ids, offsets), (_, spans) in zip(encoded, rendered)
+    ]
+
+
+def overlap_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    """1 for each token whose character range overlaps a trained span, in one pass (both lists sorted).
+
+    Tokens never straddle the special <|im_end|> / <|im_start|> boundaries, so the overlap rule only
+    matters for merges at a newline.
+    """
+    mask, j = [], 0
+    for a, b in offsets:
+        while j < len(spans) and spans[j][1] <= a:
+            j += 1
+        mask.append(int(j < len(spans) and spans[j][0] < b and a < spans[j][1]))
+    return mask

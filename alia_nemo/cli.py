@@ -10,6 +10,7 @@ from collections.abc import Callable
 from alia_nemo.chatml import ConversationError
 from alia_nemo.config_schema import ConfigError
 from alia_nemo.sft_data import DataError
+from alia_nemo.sft_mixture import MixtureError
 from alia_nemo.tokenizer import TokenizerError
 
 OVERRIDES_HELP = (
@@ -26,7 +27,6 @@ EXAMPLES = """examples:
 
 # Commands later issues deliver; the names are reserved so the dispatcher stays one.
 RESERVED = {
-    "prepare": "prepare and cache a data mixture",
     "compile": "compile a stage into a NeMo-RL SFT config",
     "plan": "plan the parallel layout and memory of a stage on a cluster",
     "submit": "submit a stage to a running Ray cluster",
@@ -60,6 +60,81 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(line)
     print(f"[alia-nemo] final model: {summary['final_model']}\n[alia-nemo] loss curve: {summary['loss_plot']}")
     return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from alia_nemo.config_compose import load_config
+    from alia_nemo.config_schema import ConfigError, MixtureConfig
+
+    cfg = load_config(args.overrides)
+    if not isinstance(cfg.data, MixtureConfig):
+        raise ConfigError(
+            f"alia-nemo prepare needs a mixture (e.g. data=sft_mixture); data={cfg.data.name} is "
+            f"format {cfg.data.format}, which train tokenises directly"
+        )
+    from alia_nemo import sft_mixture
+
+    if args.dry_run:
+        p = sft_mixture.plan(cfg.data)
+        if args.json:
+            print(json.dumps(p, indent=2))
+        else:
+            _print_plan(p)
+        return 0
+    from alia_nemo.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer, allow_download=cfg.model.allow_download)
+    max_tokens = cfg.data.max_tokens or cfg.stage.seq_length
+    out = sft_mixture.prepare_mixture(cfg.data, tokenizer, max_tokens, cfg.run.seed)
+    manifest = json.loads((out / "manifest.json").read_text())
+    if args.json:
+        print(json.dumps({"prepared": str(out), "totals": manifest["totals"]}, indent=2))
+    else:
+        _print_manifest(manifest)
+        print(f"[alia-nemo] prepared mixture: {out}")
+    return 0
+
+
+def _print_plan(p: dict) -> None:
+    from rich.table import Table
+
+    langs = ["ca", "en", "es", "eu", "gl", "pt"]
+    table = Table(title=f"mixture {p['name']}: {p['total']:,} conversations (dry run, nothing read)")
+    for col in ("dataset", *langs, "total", "licence"):
+        table.add_column(col, justify="right" if col in langs or col == "total" else "left")
+    for name, d in p["datasets"].items():
+        note = " (excluded)" if d["excluded_by_licence"] else (" (MISSING)" if d["missing_files"] else "")
+        table.add_row(name + note, *[f"{d['counts'].get(lang, ''):,}" if lang in d["counts"] else "" for lang in langs],
+                      f"{d['total']:,}", d["licence"])  # fmt: skip
+    table.add_row("total", *[f"{p['languages'].get(lang, 0):,}" for lang in langs], f"{p['total']:,}", "")
+    _console().print(table)
+
+
+def _print_manifest(m: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"prepared {m['name']} ({m['seconds']} s)")
+    for col in ("dataset", "requested", "selected", "repeated", "shortfall", "val", "dropped", "tokens p50/p95/max"):
+        table.add_column(col, justify="left" if col == "dataset" else "right")
+    for name, r in m["datasets"].items():
+        langs = r.get("languages", {}).values()
+        tot = {k: sum(s.get(k, 0) for s in langs) for k in ("requested", "selected", "repeated", "shortfall", "val")}
+        dropped = sum(sum(s.get("dropped", {}).values()) for s in langs) + sum(r.get("adapter_drops", {}).values())
+        tk = r.get("tokens", {})
+        toks = f"{tk.get('p50', '-')}/{tk.get('p95', '-')}/{tk.get('max', '-')}" if tk.get("count") else "-"
+        label = name + (" (excluded)" if "excluded_by_licence" in r else " (missing)" if "missing_files" in r else "")
+        table.add_row(label, *[f"{tot[k]:,}" for k in tot], f"{dropped:,}", toks)
+    t = m["totals"]
+    table.add_row("total", *[f"{t.get(k, 0):,}" for k in ("requested", "selected", "repeated", "shortfall", "val")],
+                  f"{t.get('dropped', 0) + t.get('adapter_drops', 0):,}", "")  # fmt: skip
+    _console().print(table)
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)  # pipes and logs get the whole table
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
@@ -117,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Compose and validate the configuration and print it, fully resolved, as YAML.",
     )
     show.add_argument("--list-recipes", action="store_true", help="list the recipes recipe=NAME accepts")
+    prep = add(
+        "prepare",
+        "prepare and cache a data mixture (data=sft_mixture)",
+        _cmd_prepare,
+        "Read every dataset of the mixture (hub, hub cache or local files), convert, filter, select exactly the "
+        "configured counts per dataset and language, tokenise once and write Parquet shards, manifest.json and "
+        "composition.png under data.prepared_root, in a directory keyed by a hash of all inputs (a rerun with "
+        "identical inputs does nothing).",
+    )
+    prep.add_argument("--dry-run", action="store_true", help="print the plan (datasets, counts, paths); read nothing")
+    prep.add_argument("--json", action="store_true", help="machine-readable output")
     add(
         "model-info",
         "print parameter counts of model= as JSON (analytic, transformers, megatron-core)",
@@ -135,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, ConversationError, TokenizerError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, MixtureError, ConversationError, TokenizerError, FileNotFoundError) as exc:
         print(f"alia-nemo {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -6,7 +6,7 @@ work starts, with a message that names the dotted key.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -68,6 +68,8 @@ class StageConfig(_Section):
 
 
 class DataConfig(_Section):
+    """Conversations straight from messages-JSONL files, tokenised at train time (the quick path)."""
+
     name: str
     format: Literal["messages_jsonl"] = "messages_jsonl"
     files: list[str] = Field(min_length=1, description="JSONL files with {'messages': [...]} rows")
@@ -75,6 +77,66 @@ class DataConfig(_Section):
     on_invalid: Literal["error", "drop"] = Field(
         "error", description="malformed conversation: stop (error) or drop it and count the reason (drop)"
     )
+
+
+LANGUAGES = ("ca", "en", "es", "eu", "gl", "pt")
+Language = Literal["ca", "en", "es", "eu", "gl", "pt"]
+
+
+class OriginConfig(_Section):
+    """Where a dataset's rows come from: the hub (or its local cache) or local files."""
+
+    kind: Literal["hf", "local"]
+    path: str | None = Field(None, description="hub dataset id (kind=hf)")
+    name: str | None = Field(None, description="hub config name")
+    configs: list[str] | None = Field(None, description="several hub configs read together (e.g. FLORES languages)")
+    split: str = "train"
+    revision: str | None = Field(None, description="hub revision (commit or tag) for reproducible builds")
+    files: list[str] | None = Field(None, description="local JSONL/Parquet files in the source's own schema")
+
+    @model_validator(mode="after")
+    def _has_a_place(self) -> OriginConfig:
+        if self.kind == "hf" and not (self.path or self.files):
+            raise ValueError("origin.kind=hf needs origin.path (hub id) or origin.files (local copies)")
+        if self.kind == "local" and not self.files:
+            raise ValueError("origin.kind=local needs origin.files")
+        return self
+
+
+class MixtureDatasetConfig(_Section):
+    licence: str
+    adapter: str = Field(description="source adapter from alia_nemo.sft_sources.ADAPTERS")
+    origin: OriginConfig
+    counts: dict[Language, int] = Field(description="conversations per language, from the model card")
+    options: dict[str, Any] = Field(default_factory=dict, description="adapter options")
+
+    @field_validator("counts")
+    @classmethod
+    def _positive(cls, v: dict[str, int]) -> dict[str, int]:
+        if not v or any(n < 0 for n in v.values()):
+            raise ValueError("counts must be a non-empty mapping of language -> non-negative count")
+        return v
+
+
+class MixtureConfig(_Section):
+    """A weighted mixture: exact counts per dataset and language, prepared once by ``alia-nemo prepare``."""
+
+    name: str
+    format: Literal["mixture"]
+    internal_dir: str = Field(description="directory of the internal (non-public) sets")
+    prepared_root: str = Field(description="where prepared mixtures are cached, one directory per input hash")
+    on_shortfall: Literal["error", "repeat", "take_all"] = Field(
+        "error", description="a source with fewer usable rows than asked: stop, repeat rows, or take what there is"
+    )
+    allow_missing_internal: bool = Field(False, description="build without missing internal files (recorded)")
+    exclude_licenses: list[str] = Field(default_factory=list, description="datasets under these licences are left out")
+    val_fraction: float = Field(0.005, ge=0, lt=1, description="validation rows per dataset and language (extra)")
+    max_tokens: int | None = Field(None, gt=0, description="longest conversation kept (null: stage.seq_length)")
+    datasets: dict[str, MixtureDatasetConfig] = Field(min_length=1)
+
+
+AnyDataConfig = Annotated[DataConfig | MixtureConfig, Field(discriminator="format")]
+DATA_FORMATS = ("messages_jsonl", "mixture")
 
 
 class EngineConfig(_Section):
@@ -107,7 +169,7 @@ class AliaConfig(_Section):
     recipe: str | None = None
     model: ModelConfig
     stage: StageConfig
-    data: DataConfig
+    data: AnyDataConfig
     engine: EngineConfig
     cluster: ClusterConfig
     run: RunConfig
@@ -129,7 +191,9 @@ class AliaConfig(_Section):
 
 
 def _describe(err: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    # Drop the union tag pydantic puts after "data" (data.mixture.datasets... -> data.datasets...).
+    loc = [p for i, p in enumerate(err["loc"]) if not (i == 1 and err["loc"][0] == "data" and p in DATA_FORMATS)]
+    key = ".".join(str(p) for p in loc) or "<root>"
     if err["type"] == "extra_forbidden":
         return f"{key}: unknown key; remove it or fix its spelling (check `alia-nemo show`)"
     if err["type"] == "missing":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from alia_nemo.chatml import ConversationError, tokenize_conversation, validate_conversation
-from alia_nemo.config_schema import DataConfig
+from alia_nemo.config_schema import AliaConfig, DataConfig
 
 
 class DataError(ValueError):
@@ -116,3 +116,16 @@ def prepare_sft(data: DataConfig, tokenizer, seq_length: int, seed: int) -> Prep
         **dict(tokens),
     }
     return PreparedSFT(out["train"], out["val"], report)
+
+
+def prepare_data(cfg: AliaConfig, tokenizer) -> PreparedSFT:
+    """Training rows for a run: JSONL files tokenised now, or a mixture prepared (or found cached) first."""
+    if isinstance(cfg.data, DataConfig):
+        return prepare_sft(cfg.data, tokenizer, cfg.stage.seq_length, cfg.run.seed)
+    from alia_nemo.sft_mixture import load_prepared, prepare_mixture
+
+    max_tokens = min(cfg.data.max_tokens or cfg.stage.seq_length, cfg.stage.seq_length)
+    directory = prepare_mixture(cfg.data, tokenizer, max_tokens, cfg.run.seed)
+    train, val, manifest = load_prepared(directory)
+    report = {"prepared": str(directory), "train": len(train), "val": len(val), **manifest["totals"]}
+    return PreparedSFT(train, val, report)

@@ -93,13 +93,13 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from alia_nemo.plots import plot_loss, read_metrics
-    from alia_nemo.sft_data import prepare_sft
+    from alia_nemo.sft_data import prepare_data
     from alia_nemo.tokenizer import load_tokenizer
 
     # Inputs first: a model too big for the machine, a bad tokenizer or data file fails before anything is written.
     check_fits_in_memory(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer, allow_download=cfg.model.allow_download)
-    data = prepare_sft(cfg.data, tokenizer, cfg.stage.seq_length, cfg.run.seed)
+    data = prepare_data(cfg, tokenizer)
 
     out = Path(cfg.run.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
