@@ -77,8 +77,9 @@ def compose_dict(overrides: list[str] | None = None) -> dict[str, Any]:
             cfg = compose(name, overrides=rest)
         data = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
+        detail = str(exc) or f"{type(exc.__cause__ or exc).__name__}: {exc.__cause__ or ''}"
         raise ConfigError(
-            f"could not compose the configuration: {exc}\n"
+            f"could not compose the configuration: {detail}\n"
             "Overrides use Hydra's grammar: key=value to change, +key=value to add, ~key to delete, group=option "
             "to pick a config group option (see `alia-nemo show --help`)."
         ) from None

@@ -347,7 +347,7 @@ def prepare_mixture(mix: MixtureConfig, tokenizer, max_tokens: int, seed: int, p
             "are, exclude them by licence, or set data.allow_missing_internal=true to build without them "
             "(the shortfall is recorded in the manifest)."
         )
-    root = Path(mix.prepared_root)
+    root = Path(mix.prepared_root).expanduser()
     key = cache_key(mix, tokenizer, max_tokens, seed)
     final = root / f"{mix.name}-{key[:16]}"
     if (final / "manifest.json").is_file():

@@ -35,13 +35,13 @@ def plain_transformers(cfg, out: Path) -> dict:
     from transformers import DataCollatorForSeq2Seq, LlamaForCausalLM, Trainer, TrainingArguments
 
     from alia_nemo.architectures import get_spec
-    from alia_nemo.sft_data import prepare_sft
+    from alia_nemo.sft_data import prepare_data
     from alia_nemo.tokenizer import load_tokenizer
 
     start = time.perf_counter()
     torch.set_num_threads(cfg.engine.torch_threads or os.cpu_count() or 1)
     tok = load_tokenizer(cfg.model.tokenizer)
-    data = prepare_sft(cfg.data, tok, cfg.stage.seq_length, cfg.run.seed)
+    data = prepare_data(cfg, tok)
     torch.manual_seed(cfg.run.seed)
     model = LlamaForCausalLM(get_spec(cfg.model.arch).hf_config(cfg.stage.seq_length))
     args = TrainingArguments(

@@ -14,8 +14,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Build the test tokenizer into a per-session cache, not the user's home."""
+    """Build the test tokenizer and prepared mixtures into per-session caches, not the user's home."""
     os.environ["ALIA_NEMO_CACHE"] = str(tmp_path_factory.mktemp("alia_nemo_cache"))
+    os.environ["ALIA_NEMO_PREPARED"] = str(tmp_path_factory.mktemp("alia_nemo_prepared"))
     yield
 
 

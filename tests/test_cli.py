@@ -66,7 +66,7 @@ def test_reserved_commands_say_not_yet(command, capsys):
         (["train", "stage.lr=abc"], "stage.lr: Input should be a valid number"),
         (["model-info", "model=alia_13b"], "Could not find 'model/alia_13b'"),
         (
-            ["train", "data.files=[/nonexistent.jsonl]", "run.output_dir=/tmp/alia-nemo-never"],
+            ["train", "data=jsonl", "data.files=[/nonexistent.jsonl]", "run.output_dir=/tmp/alia-nemo-never"],
             "does not exist; fix data.files",
         ),
     ],

@@ -65,7 +65,8 @@ def test_default_is_tiny_on_sample_cpu():
         "local",
         0,
     )
-    assert Path(cfg.data.files[0]).is_file()
+    sample = cfg.data.datasets["sample"]
+    assert Path(sample.origin.files[0]).is_file() and sum(sample.counts.values()) == 282
     assert cfg.run.output_dir.startswith("outputs/")
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from alia_nemo.config_compose import load_config
 from alia_nemo.hf_training import SFTCollator, newest_complete_checkpoint, train_sft
-from alia_nemo.sft_data import prepare_sft
+from alia_nemo.sft_data import prepare_data, prepare_sft
 from tests.helpers import read_jsonl, save_peaked_tiny_model, token_and_sequence_means, write_uneven_conversations
 
 
@@ -46,6 +46,7 @@ def test_loss_is_the_mean_over_trained_tokens_of_the_global_batch(tmp_path, tok,
     cfg = load_config(
         [
             f"model.pretrained={model_dir}",
+            "data=jsonl",
             f"data.files=[{data_file}]",
             "data.val_fraction=0",
             "stage.global_batch_size=4",
@@ -82,7 +83,7 @@ def test_schedule_clipping_and_steps(tmp_path, tok):
             f"run.output_dir={tmp_path}",
         ]
     )
-    data = prepare_sft(cfg.data, tok, cfg.stage.seq_length, cfg.run.seed)
+    data = prepare_data(cfg, tok)
     tok.save_pretrained(tmp_path / "tok")
     metrics = train_sft(cfg, data.train, data.val, tmp_path / "tok", tmp_path, report_to=[])
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "learning_rate" in r]

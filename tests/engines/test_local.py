@@ -35,8 +35,10 @@ def test_default_job_trains_loss_falls_and_final_model_chats(tmp_path):
     first, last = losses[0][1], sum(v for _, v in losses[-10:]) / 10
     assert first > 6.0 and last < 2.5 and last < first / 2.5, (first, last)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["train"]["global_step"] == 12 * 18  # 12 epochs x ceil(285 / 16) steps
-    assert summary["data"]["train"] == 285 and summary["data"]["val"] == 15 and summary["data"]["dropped"] == {}
+    assert summary["train"]["global_step"] == 12 * 18  # 12 epochs x ceil(282 / 16) steps
+    # The sample went through the mixture pipeline: 47 per language for training, 3 held out.
+    assert summary["data"]["train"] == 282 and summary["data"]["val"] == 18 and summary["data"]["dropped"] == 0
+    assert (Path(summary["data"]["prepared"]) / "manifest.json").is_file()
     assert summary["train"]["eval_loss"] < first
     for artefact in (
         "config.yaml",
@@ -75,6 +77,7 @@ def test_two_workers_average_loss_over_all_trained_tokens(tmp_path, tok):
         [
             "recipe=sft-alia-tiny-1n0g-dp2",
             f"model.pretrained={model_dir}",
+            "data=jsonl",
             f"data.files=[{data_file}]",
             "data.val_fraction=0",
             "stage.global_batch_size=4",
