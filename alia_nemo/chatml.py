@@ -133,14 +133,29 @@ def _text_and_spans(messages: Sequence[Mapping[str, str]], bos_token: str) -> tu
     return "".join(parts), spans
 
 
-def _encode(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    # The Rust tokenizer directly when there is one: same ids and offsets as the transformers wrapper
-    # without its per-call Python overhead, and a batch is encoded in parallel.
+def _encode_masked(
+    tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids and loss masks of rendered texts whose trained character spans are given."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
-    encs = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return list(zip(encs["input_ids"], encs["offset_mapping"]))
+    if backend is None:
+        encs = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [(list(i), overlap_mask(o, s)) for i, o, s in zip(encs["input_ids"], encs["offset_mapping"], spans)]
+    # The Rust tokenizer directly: same ids as the transformers wrapper without its per-call overhead, a
+    # batch encoded in parallel, and each span mapped to its first and last token by two lookups instead
+    # of materialising every token's offsets in Python.
+    out = []
+    for enc, conv_spans in zip(backend.encode_batch(texts, add_special_tokens=False), spans):
+        ids = enc.ids
+        mask = [0] * len(ids)
+        for start, end in conv_spans:
+            first, last = enc.char_to_token(start), enc.char_to_token(end - 1)
+            if first is None or last is None:  # a character no token covers: fall back to offsets
+                mask = overlap_mask(enc.offsets, conv_spans)
+                break
+            mask[first : last + 1] = [1] * (last + 1 - first)
+        out.append((ids, mask))
+    return out
 
 
 def tokenize_conversation(
@@ -164,11 +179,8 @@ def tokenize_conversations(
     for messages, cid in zip(conversations, ids):
         validate_conversation(messages, cid)
         rendered.append(_text_and_spans(messages, tokenizer.bos_token))
-    encoded = _encode(tokenizer, [text for text, _ in rendered])
-    return [
-        TokenizedConversation(list(tok_ids), overlap_mask(offsets, spans))
-        for (tok_ids, offsets), (_, spans) in zip(encoded, rendered)
-    ]
+    encoded = _encode_masked(tokenizer, [text for text, _ in rendered], [spans for _, spans in rendered])
+    return [TokenizedConversation(ids, mask) for ids, mask in encoded]
 
 
 def overlap_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:

@@ -6,13 +6,13 @@ their outputs are identical for every conversation before it prints any rate.
 
   ours      ``alia_nemo.chatml.tokenize_conversation``: one render and one tokenizer call per
             conversation; character offsets map the trained spans onto tokens.
-  batched   the same, built from ``render_segments`` and one batched tokenizer call over
-            ``--batch-size`` conversations (the fast tokenizer may use several threads).
+  batched   ``alia_nemo.chatml.tokenize_conversations`` over ``--batch-size`` conversations: what
+            ``alia-nemo prepare`` runs (one batched call into the Rust tokenizer).
   naive     the per-message way of NeMo-RL's SFT processor, re-implemented: for message i render
-            ``apply_chat_template(messages[:i+1])``, take the new suffix against the previous
-            rendering, tokenise that chunk on its own, and mark it trained when the message is the
-            assistant's. For an identical mask only the chunk's content + ``<|im_end|>`` tokens are
-            trained (offsets on the chunk), not its ``\\n<|im_start|>assistant\\n`` header.
+            ``apply_chat_template(messages[:i+1])``, find where it departs from the previous rendering
+            by scanning characters, tokenise that chunk on its own into a tensor, and mark it trained
+            when the message is the assistant's. For an identical mask only the chunk's content +
+            ``<|im_end|>`` tokens are trained (offsets on the chunk), not its header.
 
 Target: ours >= 5x the naive conversations/s on the same inputs.
 
@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from alia_nemo.chatml import IM_END, IM_START, render_segments, tokenize_conversation, validate_conversation
+from alia_nemo.chatml import IM_END, IM_START, tokenize_conversation, tokenize_conversations
 
 TARGET = 5.0
 
@@ -144,38 +144,26 @@ def run_ours(tokenizer, conversations: Sequence[list[Message]]) -> list[Result]:
     return out
 
 
-def _overlap_mask(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """1 for each token that covers any character of a trained span (spans sorted, disjoint)."""
-    mask = []
-    j, n = 0, len(spans)
-    for a, b in offsets:
-        while j < n and spans[j][1] <= a:  # spans ending before this token can not touch later ones
-            j += 1
-        mask.append(int(j < n and spans[j][0] < b))
-    return mask
-
-
 def make_run_batched(batch_size: int) -> Callable[[object, Sequence[list[Message]]], list[Result]]:
+    """Our production path in the mixture build: ``tokenize_conversations`` over batches of conversations."""
+
     def run_batched(tokenizer, conversations: Sequence[list[Message]]) -> list[Result]:
         out: list[Result] = []
         for lo in range(0, len(conversations), batch_size):
-            texts, all_spans = [], []
-            for messages in conversations[lo : lo + batch_size]:
-                validate_conversation(messages, str(lo + len(all_spans)))
-                segments = render_segments(messages, tokenizer.bos_token)
-                spans, start = [], 0
-                for seg in segments:
-                    if seg.trained:
-                        spans.append((start, start + len(seg.text)))
-                    start += len(seg.text)
-                texts.append("".join(s.text for s in segments))
-                all_spans.append(spans)
-            enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-            for ids, offsets, spans in zip(enc["input_ids"], enc["offset_mapping"], all_spans):
-                out.append((list(ids), _overlap_mask(offsets, spans)))
+            chunk = conversations[lo : lo + batch_size]
+            ids = [str(lo + k) for k in range(len(chunk))]
+            out += [(tc.input_ids, tc.loss_mask) for tc in tokenize_conversations(tokenizer, chunk, ids)]
         return out
 
     return run_batched
+
+
+def first_difference(a: str, b: str) -> int:
+    """Index of the first differing character (a character-by-character scan, as the per-message method does)."""
+    for k, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return k
+    return min(len(a), len(b))
 
 
 def run_naive(tokenizer, conversations: Sequence[list[Message]]) -> list[Result]:
@@ -185,19 +173,20 @@ def run_naive(tokenizer, conversations: Sequence[list[Message]]) -> list[Result]
         mask: list[int] = []
         previous = ""
         for i, message in enumerate(messages):
+            # As NeMo-RL's SFT processor does it: render the prefix, find where it departs from the previous
+            # rendering by scanning characters, tokenise that chunk into a tensor.
             rendered = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-            if not rendered.startswith(previous):
-                raise RuntimeError("the chat template is not prefix-stable; the per-message method can not work")
-            chunk = rendered[len(previous) :]
+            chunk = rendered[first_difference(previous, rendered) :]
             previous = rendered
-            enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
-            ids += enc["input_ids"]
+            enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True, return_tensors="pt")
+            chunk_ids = enc["input_ids"][0].tolist()
+            ids += chunk_ids
             if message["role"] == "assistant":
                 # Trained: tokens covering the content + <|im_end|>, i.e. the chunk after its header.
                 start, end = len(chunk) - len(message["content"]) - len(IM_END), len(chunk)
-                mask += [int(a < end and b > start) for a, b in enc["offset_mapping"]]
+                mask += [int(a < end and b > start) for a, b in enc["offset_mapping"][0].tolist()]
             else:
-                mask += [0] * len(enc["input_ids"])
+                mask += [0] * len(chunk_ids)
         out.append((ids, mask))
     return out
 
@@ -252,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=10_000, help="conversations (default 10000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", help="a real ALIA tokenizer directory (default: the built-in test tokenizer)")
-    parser.add_argument("--batch-size", type=int, default=1000, help="conversations per call of the batched variant")
+    parser.add_argument("--batch-size", type=int, default=256, help="conversations per call of the batched variant")
     parser.add_argument("--warmup", type=int, default=20, help="conversations run untimed first")
     parser.add_argument("--repeats", type=int, default=1, help="timed passes per method; the best counts")
     parser.add_argument("--json", type=Path, help="write the figures and machine info here")

@@ -175,3 +175,18 @@ def test_property_trained_tokens_are_exactly_the_answers(tok, turns, system):
     )
     assert _trained_text(tok, conv) == "".join(a + "<|im_end|>" for _, a in turns)
     assert conv.input_ids.count(1) == 1 and conv.loss_mask[0] == 0
+
+
+def test_batched_fast_path_equals_the_offsets_rule(tok):
+    import json
+
+    from alia_nemo.chatml import _text_and_spans, overlap_mask, tokenize_conversations
+    from alia_nemo.sample_data import sample_path
+
+    convs = [json.loads(line)["messages"] for line in sample_path().read_text().splitlines()]
+    fast = tokenize_conversations(tok, convs)
+    for messages, got in zip(convs, fast):
+        text, spans = _text_and_spans(messages, tok.bos_token)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert got.input_ids == enc["input_ids"]
+        assert got.loss_mask == overlap_mask(enc["offset_mapping"], spans)
