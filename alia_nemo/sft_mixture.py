@@ -109,10 +109,23 @@ def _read_local(files: list[str]) -> Iterator[dict]:
                             yield {"__invalid_json__": f"{Path(file).name}:{lineno}"}
 
 
-def read_rows(name: str, entry: MixtureDatasetConfig) -> Iterator[dict]:
-    """Raw rows of a dataset in its source's schema: local files, or the hub (the cache when offline)."""
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_rows(name: str, entry: MixtureDatasetConfig, revisions: list | None = None) -> Iterator[dict]:
+    """Raw rows of a dataset in its source's schema: local files, or the hub (the cache when offline).
+
+    What was actually read is appended to ``revisions`` (file hashes; hub revision and data fingerprint).
+    """
     origin = entry.origin
+    revisions = revisions if revisions is not None else []
     if origin.files:
+        revisions += [{"file": str(Path(f).resolve()), "sha256": _sha256_file(f)} for f in origin.files]
         yield from _read_local(origin.files)
         return
     import datasets
@@ -126,6 +139,10 @@ def read_rows(name: str, entry: MixtureDatasetConfig) -> Iterator[dict]:
                 "Download it where there is network (it lands in the Hugging Face cache), or point "
                 f"data.datasets.{name}.origin.files at local copies in the source's schema."
             ) from None
+        revisions.append(
+            {"hub": origin.path, "config": config, "split": origin.split, "revision": origin.revision,
+             "fingerprint": getattr(ds, "_fingerprint", None)}
+        )  # fmt: skip
         yield from ds
 
 
@@ -376,13 +393,19 @@ def prepare_mixture(mix: MixtureConfig, tokenizer, max_tokens: int, seed: int, p
                 },
             }
             continue
-        rows = tqdm(read_rows(name, entry), desc=name, unit=" rows", leave=False, disable=not progress)
+        revisions: list[dict] = []
+        rows = tqdm(read_rows(name, entry, revisions), desc=name, unit=" rows", leave=False, disable=not progress)
         t, v, stats = _select_dataset(
             name, entry, rows, tokenizer, max_tokens, seed, mix.val_fraction, mix.on_shortfall, seen
         )
         train += t
         val += v
-        report[name] = {"licence": entry.licence, "origin": entry.origin.model_dump(exclude_none=True), **stats}
+        report[name] = {
+            "licence": entry.licence,
+            "origin": entry.origin.model_dump(exclude_none=True),
+            "revisions": revisions,
+            **stats,
+        }
 
     shortfalls = [
         f"  {name}/{lang}: {s['selected']} of {s['requested']}"

@@ -13,7 +13,7 @@ import yaml
 from alia_nemo.cli import RESERVED, main
 from alia_nemo.config_schema import validate_config
 
-COMMANDS = ["train", "show", "model-info", *RESERVED]
+COMMANDS = ["train", "show", "prepare", "model-info", *RESERVED]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -82,3 +82,26 @@ def test_console_script_is_installed():
     proc = subprocess.run([str(script), "show", "engine.num_workers=2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load(proc.stdout)["engine"]["num_workers"] == 2
+
+
+def test_prepare_dry_run_reads_nothing(capsys):
+    assert main(["prepare", "data=sft_mixture", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["total"] == 712_213 and len(plan["datasets"]) == 20
+    assert plan["datasets"]["wildchat-curated-deepseekv3"]["missing_files"]
+    assert main(["prepare", "data=sft_mixture", "--dry-run"]) == 0
+    table = capsys.readouterr().out
+    assert "712,213" in table and "aya-dataset" in table and "(MISSING)" in table
+
+
+def test_prepare_missing_internal_files_is_a_clear_error(capsys):
+    assert main(["prepare", "data=sft_mixture"]) == 2
+    err = capsys.readouterr().err
+    assert "9 dataset(s) of mixture 'sft_mixture' have missing files" in err and "data.internal_dir" in err
+
+
+def test_prepare_builds_the_sample(capsys):
+    assert main(["prepare", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["totals"]["selected"] == 282 and out["totals"]["val"] == 18
+    assert Path(out["prepared"], "manifest.json").is_file()

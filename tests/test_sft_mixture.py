@@ -168,6 +168,14 @@ def test_exact_counts_balanced_manifest_and_disjoint_validation(mini, tok):
     assert not set(ids["train"]) & set(ids["val"])
     assert (out / "composition.png").read_bytes()[:4] == b"\x89PNG"
     assert manifest["tokenizer"]["vocab_size"] == 1024 and len(manifest["template_sha256"]) == 64
+    import hashlib
+
+    a_file = datasets["set-a"]["origin"]["files"][0]
+    assert manifest["datasets"]["set-a"]["revisions"] == [
+        {"file": str(Path(a_file).resolve()), "sha256": hashlib.sha256(Path(a_file).read_bytes()).hexdigest()}
+    ]
+    assert manifest["code_version"].startswith("0.1.0+")
+    assert manifest["datasets"]["set-a"]["tokens"]["p50"] <= manifest["datasets"]["set-a"]["tokens"]["p95"]
 
 
 def test_selection_is_seeded(mini, tok, tmp_path_factory):
