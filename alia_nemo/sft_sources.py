@@ -421,16 +421,19 @@ def adapt_no_robots(
     options: Mapping[str, Any] | None = None,
 ) -> Iterator[dict]:
     """HuggingFaceH4/no_robots (English): ``messages`` as they are; a system turn is kept only when first."""
-    if "en" not in languages:
-        return
-    sink = _Sink(source, drops)
+    if "en" in languages:
+        yield from _english_messages(rows, _Sink(source, drops), id_key="prompt_id", prefix="no_robots")
+
+
+def _english_messages(rows: Iterable[Mapping[str, Any]], sink: _Sink, *, id_key: str, prefix: str) -> Iterator[dict]:
+    """English sources whose rows already hold ``messages`` with role/content (no_robots, OpenR1-Math)."""
     for row in rows:
         messages = _chat_messages(row.get("messages"), "role", "content", _CHAT_ROLES)
         if isinstance(messages, str):
             sink.drop("en", messages)
             continue
-        prompt_id = row.get("prompt_id")
-        record = sink.conversation(None if prompt_id is None else _text(prompt_id), "en", messages, prefix="no_robots")
+        row_id = row.get(id_key)
+        record = sink.conversation(None if row_id is None else _text(row_id), "en", messages, prefix=prefix)
         if record is not None:
             yield record
 
@@ -560,18 +563,8 @@ def adapt_openr1_math(
     options: Mapping[str, Any] | None = None,
 ) -> Iterator[dict]:
     """open-r1/OpenR1-Math-220k (default config, English): the row's ``messages`` (problem -> reasoning + answer)."""
-    if "en" not in languages:
-        return
-    sink = _Sink(source, drops)
-    for row in rows:
-        messages = _chat_messages(row.get("messages"), "role", "content", _CHAT_ROLES)
-        if isinstance(messages, str):
-            sink.drop("en", messages)
-            continue
-        uuid = row.get("uuid")
-        record = sink.conversation(None if uuid is None else _text(uuid), "en", messages, prefix="openr1_math")
-        if record is not None:
-            yield record
+    if "en" in languages:
+        yield from _english_messages(rows, _Sink(source, drops), id_key="uuid", prefix="openr1_math")
 
 
 # -------------------------------------------------------------------------------- rag_multilingual

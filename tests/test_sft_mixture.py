@@ -299,3 +299,28 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path):
     assert [p.name for p in root.iterdir()] == [final.name]  # the stale temporary directory is gone
     manifest = json.loads((final / "manifest.json").read_text())
     assert manifest["totals"]["selected"] == 30000 and len(load_prepared(final)[0]) == 30000
+
+
+def test_hub_origin_reads_through_datasets_and_records_the_fingerprint(tmp_path, tok):
+    # A local folder stands in for a hub id: load_dataset takes both, so the hub code path runs offline.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.source_fixtures import raw_rows
+
+    folder = tmp_path / "hub-copy" / "data"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(raw_rows("dolly", 40, languages=["ca"])), folder / "train-00000.parquet")
+    entry = {"licence": "CC-BY-SA-3.0", "adapter": "dolly", "options": {"language": "ca"},
+             "origin": {"kind": "hf", "path": str(folder.parent), "split": "train"}, "counts": {"ca": 20}}  # fmt: skip
+    out = prepare_mixture(_mixture(tmp_path, {"dolly-ca": entry}), tok, 4096, 0, progress=False)
+    r = json.loads((out / "manifest.json").read_text())["datasets"]["dolly-ca"]
+    assert r["languages"]["ca"]["selected"] == 20 and r["input_rows"] == 40
+    assert r["revisions"][0]["hub"] == str(folder.parent) and r["revisions"][0]["fingerprint"]
+
+
+def test_unreachable_hub_dataset_names_the_fix(tmp_path, tok):
+    entry = {"licence": "x", "adapter": "no_robots", "origin": {"kind": "hf", "path": "nobody/not-a-dataset"},
+             "counts": {"en": 1}}  # fmt: skip
+    with pytest.raises(MixtureError, match=r"dataset 'nr': could not load nobody/not-a-dataset.*origin\.files"):
+        prepare_mixture(_mixture(tmp_path, {"nr": entry}), tok, 4096, 0, progress=False)
