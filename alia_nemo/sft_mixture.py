@@ -182,6 +182,7 @@ def _select_dataset(
     val_fraction: float,
     on_shortfall: str,
     seen: set[str],
+    progress: bool = True,
 ) -> tuple[list[dict], list[dict], dict[str, Any]]:
     from alia_nemo.sft_sources import ADAPTERS
 
@@ -220,6 +221,8 @@ def _select_dataset(
         seen.add(digest)
         by_lang[lang].append(conv)
 
+    from tqdm import tqdm
+
     train, val, langs = [], [], {}
     for lang, wanted in entry.counts.items():
         pool = by_lang.get(lang, [])
@@ -227,6 +230,8 @@ def _select_dataset(
         want_val = math.ceil(wanted * val_fraction) if val_fraction > 0 else 0
         picked, held = [], []
         used = 0
+        bar = tqdm(total=wanted + want_val, desc=f"{name}/{lang} tokenise", unit=" conv", leave=False,
+                   disable=not progress)  # fmt: skip
         # Tokenise in batches of the shuffled pool, and only as far as the counts need.
         for start in range(0, len(pool), TOKENIZE_BATCH):
             if len(picked) >= wanted and len(held) >= want_val:
@@ -242,6 +247,8 @@ def _select_dataset(
                     continue
                 row = {**conv, "input_ids": tok.input_ids, "loss_mask": tok.loss_mask}
                 (picked if len(picked) < wanted else held).append(row)
+                bar.update()
+        bar.close()
         shortfall = wanted - len(picked)
         repeated = 0
         if shortfall and on_shortfall == "repeat" and picked:
@@ -396,7 +403,7 @@ def prepare_mixture(mix: MixtureConfig, tokenizer, max_tokens: int, seed: int, p
         revisions: list[dict] = []
         rows = tqdm(read_rows(name, entry, revisions), desc=name, unit=" rows", leave=False, disable=not progress)
         t, v, stats = _select_dataset(
-            name, entry, rows, tokenizer, max_tokens, seed, mix.val_fraction, mix.on_shortfall, seen
+            name, entry, rows, tokenizer, max_tokens, seed, mix.val_fraction, mix.on_shortfall, seen, progress
         )
         train += t
         val += v
