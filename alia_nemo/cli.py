@@ -28,7 +28,6 @@ EXAMPLES = """examples:
 # Commands later issues deliver; the names are reserved so the dispatcher stays one.
 RESERVED = {
     "compile": "compile a stage into a NeMo-RL SFT config",
-    "plan": "plan the parallel layout and memory of a stage on a cluster",
     "submit": "submit a stage to a running Ray cluster",
     "pipeline": "run CPT 32k -> CPT 160k -> SFT -> export -> eval",
     "export": "export a finished stage as a Hugging Face directory",
@@ -137,6 +136,72 @@ def _console():
     return console if console.is_terminal else Console(width=160)  # pipes and logs get the whole table
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from alia_nemo.architectures import get_spec
+    from alia_nemo.config_compose import load_config
+    from alia_nemo.config_schema import MixtureConfig
+    from alia_nemo.planner import Gpu, plan
+
+    cfg = load_config(args.overrides)
+    cl = cfg.cluster
+    if not (cl.gpus_per_node and cl.gpu_memory_gb and cl.gpu_peak_tflops):
+        raise ConfigError(
+            f"cluster={cl.name} has no GPUs to plan for; pick a GPU profile (cluster=mn5_acc or cluster=h100_8x80) "
+            "or set cluster.gpus_per_node, cluster.gpu_memory_gb and cluster.gpu_peak_tflops"
+        )
+    spec, stage = get_spec(cfg.model.arch), cfg.stage
+    result = plan(spec, stage.seq_length, stage.global_batch_size, cl.num_nodes, cl.gpus_per_node,
+                  Gpu(cl.gpu_memory_gb, cl.gpu_peak_tflops))  # fmt: skip
+    steps = None
+    if isinstance(cfg.data, MixtureConfig):  # SFT: one step per global batch of conversations, per epoch
+        conversations = sum(sum(d.counts.values()) for d in cfg.data.datasets.values())
+        steps = -(-conversations // stage.global_batch_size) * stage.epochs
+    if stage.max_steps:
+        steps = stage.max_steps
+    for row in result["ranked"]:
+        row["stage_hours"] = round(row["step_s"] * steps / 3600, 2) if steps else None
+    result["steps"] = steps
+    if args.json:
+        print(json.dumps(result if args.all else {k: v for k, v in result.items() if k != "layouts"}, indent=2))
+        return 0 if result["ranked"] else 1
+    _print_plan_table(result, cl, args.top)
+    return 0 if result["ranked"] else 1
+
+
+def _print_plan_table(result: dict, cluster, top: int) -> None:
+    from rich.table import Table
+
+    title = (
+        f"{result['model']} at {result['seq_length']:,} tokens, global batch {result['global_batch']}, on "
+        f"{cluster.num_nodes} x {cluster.gpus_per_node} {cluster.gpu_name} ({cluster.gpu_memory_gb:g} GB)"
+    )
+    table = Table(title=title)
+    cols = ("TP", "PP", "CP", "DP", "mb", "recompute", "weights+grads", "optimizer", "activations", "logits",
+            "total GiB", "step s", "stage h")  # fmt: skip
+    for col in cols:
+        table.add_column(col, justify="left" if col == "recompute" else "right")
+    for row in result["ranked"][:top]:
+        lay, mem = row["layout"], row["memory_gib"]
+        table.add_row(
+            *[str(lay[k]) for k in ("tp", "pp", "cp", "dp", "micro_batch", "recompute")],
+            f"{mem['weights'] + mem['gradients']:.1f}", f"{mem['optimizer']:.1f}", f"{mem['activations']:.1f}",
+            f"{mem['logits_and_loss']:.1f}", f"{mem['total']:.1f}", f"{row['step_s']:.1f}",
+            "-" if row["stage_hours"] is None else f"{row['stage_hours']:.1f}",
+        )  # fmt: skip
+    _console().print(table)
+    valid = [r for r in result["layouts"] if r["valid"]]
+    print(f"{len(result['ranked'])} of {len(valid)} valid layouts fit ({len(result['layouts']) - len(valid)} invalid); "
+          "estimates, not measurements: see alia_nemo/planner.py for the model and its constants. Step times "
+          "assume every sequence is seq_length tokens long (an upper bound for unpacked SFT).")  # fmt: skip
+    if not result["ranked"]:
+        best = min(valid, key=lambda r: r["memory_gib"]["total"], default=None)
+        if best:
+            print(
+                f"nothing fits: the smallest estimate is {best['memory_gib']['total']:.1f} GiB with "
+                f"{best['layout']}; add nodes, context parallelism or recompute"
+            )
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from alia_nemo.architectures import parameter_report
     from alia_nemo.config_compose import load_config
@@ -192,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Compose and validate the configuration and print it, fully resolved, as YAML.",
     )
     show.add_argument("--list-recipes", action="store_true", help="list the recipes recipe=NAME accepts")
+    planner = add(
+        "plan",
+        "rank parallel layouts of a stage on a GPU cluster by estimated memory and step time",
+        _cmd_plan,
+        "Enumerate tensor / pipeline / context / data parallel layouts, recompute choices and micro-batches of the "
+        "model on the cluster profile (cluster=mn5_acc, cluster=h100_8x80, or cluster.* overrides), estimate "
+        "per-GPU memory term by term and the step time, and rank the layouts that fit. Exits 1 when none fits.",
+    )
+    planner.add_argument("--json", action="store_true", help="machine-readable output (ranked layouts)")
+    planner.add_argument("--all", action="store_true", help="with --json: every layout, invalid ones with reasons")
+    planner.add_argument("--top", type=int, default=15, help="rows of the table (default 15)")
     prep = add(
         "prepare",
         "prepare and cache a data mixture (data=sft_mixture)",

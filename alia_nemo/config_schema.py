@@ -152,6 +152,10 @@ class ClusterConfig(_Section):
     name: str
     num_nodes: int = Field(1, gt=0)
     gpus_per_node: int = Field(0, ge=0)
+    cpus_per_node: int | None = Field(None, gt=0)
+    gpu_name: str = "none"
+    gpu_memory_gb: float = Field(0.0, ge=0, description="usable memory per GPU, GB (1e9 bytes)")
+    gpu_peak_tflops: float = Field(0.0, ge=0, description="dense bf16 peak per GPU, TFLOP/s")
 
 
 class RunConfig(_Section):

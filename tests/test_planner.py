@@ -1,0 +1,124 @@
+"""The layout planner: hand-computed memory terms, monotonicity, invalid layouts, known (in)feasible cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alia_nemo.architectures import get_spec
+from alia_nemo.cli import main
+from alia_nemo.planner import (
+    Gpu,
+    Layout,
+    activation_bytes_per_token_layer,
+    flops_per_token,
+    invalid_reasons,
+    memory_breakdown,
+    parameters_on_gpu,
+    plan,
+)
+
+TINY, BIG = get_spec("alia_tiny"), get_spec("alia_40b")
+H100_64 = Gpu(64, 989)
+GIB = 1024**3
+
+
+def test_memory_terms_by_hand_for_tiny():
+    layout = Layout(tp=1, pp=1, cp=1, dp=1, micro_batch=1, recompute="none", sequence_parallel=False)
+    assert parameters_on_gpu(TINY, layout) == 328_256
+    # Per token and layer: 4h replicated + (2h + 2g + 4f) = 256 + 192 + 768 elements, bf16.
+    assert activation_bytes_per_token_layer(TINY, layout) == 2 * (4 * 64 + 2 * 64 + 2 * 32 + 4 * 192)
+    mem = memory_breakdown(TINY, layout, seq_length=128, global_batch=1)
+    assert mem["weights"] * GIB == pytest.approx(2 * 328_256)
+    assert mem["optimizer"] * GIB == pytest.approx(12 * 328_256)
+    assert mem["activations"] * GIB == pytest.approx(2432 * 128 * 4)
+    assert mem["logits_and_loss"] * GIB == pytest.approx(6 * 128 * 1024)
+    parts = sum(v for k, v in mem.items() if k not in ("allowance", "total"))
+    assert mem["allowance"] == pytest.approx(3.0 + 0.1 * parts) and mem["total"] == pytest.approx(
+        parts + mem["allowance"]
+    )
+
+
+def test_40b_sharding_by_hand():
+    layout = Layout(tp=4, pp=2, cp=8, dp=4, micro_batch=1, recompute="selective")
+    per_layer = BIG.layer_parameters() - 2 * 8192
+    expected = 24 * per_layer // 4 + 24 * 2 * 8192 + 2_097_152_000 // 4 + 8192
+    assert parameters_on_gpu(layout=layout, spec=BIG) == expected
+    mem = memory_breakdown(BIG, layout, 32768, 128)
+    assert mem["optimizer"] * GIB == pytest.approx(12 * expected / 32)  # distributed over DP x CP
+
+
+SHARDED = ("weights", "gradients", "optimizer", "activations", "logits_and_loss")
+
+
+@pytest.mark.parametrize("dim", ["tp", "pp", "cp"])
+def test_more_parallelism_never_raises_sharded_memory(dim):
+    base = dict(tp=1, pp=1, cp=1, dp=2, micro_batch=1, recompute="selective")
+    previous = None
+    for size in (1, 2, 4, 8):
+        mem = memory_breakdown(BIG, Layout(**{**base, dim: size}), 32768, 256)
+        if previous:
+            for term in SHARDED:
+                assert mem[term] <= previous[term] + 1e-9, (dim, size, term)
+        previous = mem
+
+
+def test_longer_sequences_never_lower_activations():
+    layout = Layout(tp=4, pp=2, cp=8, dp=1, micro_batch=1, recompute="full")
+    acts = [memory_breakdown(BIG, layout, s, 64)["activations"] for s in (4096, 32768, 65536, 163840)]
+    assert acts == sorted(acts) and acts[0] < acts[-1]
+
+
+def test_recompute_order():
+    mems = [
+        memory_breakdown(BIG, Layout(4, 2, 8, 1, 1, rc), 32768, 64)["activations"]
+        for rc in ("none", "selective", "full")
+    ]
+    assert mems[0] > mems[1] > mems[2]
+    assert flops_per_token(BIG, 32768, "full") > flops_per_token(BIG, 32768, "none")
+
+
+def test_invalid_layouts_have_reasons():
+    def reasons(**kw):
+        layout = Layout(**{**dict(tp=4, pp=2, cp=8, dp=1, micro_batch=1, recompute="none"), **kw})
+        return " | ".join(invalid_reasons(BIG, layout, 32768, 4, 128))
+
+    assert reasons() == ""
+    assert "TP=16 does not divide 64 heads and 8 KV heads" in reasons(tp=16)
+    assert "TP=8 spans nodes (4 GPUs per node)" in reasons(tp=8)
+    assert "PP=5 does not divide 48 layers" in reasons(pp=5)
+    assert "not a multiple of 2 x CP x TP = 96" in reasons(cp=12)
+    assert "global batch 128 is not a multiple of micro-batch x DP = 384" in reasons(dp=3, micro_batch=128)
+
+
+def test_bsc_published_32k_layout_fits_mn5():
+    # BSC's 32k CPT: 64 nodes x 4 H100 64 GB, TP4 PP2 CP8 (DP4), global batch 128 x 32,768.
+    result = plan(BIG, 32768, 128, 64, 4, H100_64)
+    row = next(r for r in result["layouts"] if r["layout"] == dict(tp=4, pp=2, cp=8, dp=4, micro_batch=1,
+               recompute="selective", distributed_optimizer=True, sequence_parallel=True))  # fmt: skip
+    assert row["valid"] and row["fits"], row
+
+
+def test_card_sft_on_16x4_mn5_has_fitting_layouts():
+    result = plan(BIG, 32768, 512, 16, 4, H100_64)
+    assert result["ranked"] and all(r["memory_gib"]["total"] <= 64e9 / GIB for r in result["ranked"])
+    steps = [r["step_s"] for r in result["ranked"]]
+    assert steps == sorted(steps)
+
+
+def test_160k_without_context_parallelism_is_rejected():
+    result = plan(BIG, 163840, 24, 16, 4, H100_64)
+    assert result["ranked"] and all(r["layout"]["cp"] > 1 for r in result["ranked"])
+    no_cp = [r for r in result["layouts"] if r["valid"] and r["layout"]["cp"] == 1]
+    assert no_cp and not any(r["fits"] for r in no_cp)
+
+
+def test_plan_cli(capsys):
+    assert main(["plan", "model=alia_40b", "stage=sft", "cluster=mn5_acc", "data=sft_mixture", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpus"] == 64 and out["steps"] == 1392 and out["ranked"][0]["stage_hours"] > 0
+    assert main(["plan", "model=alia_40b", "stage=sft", "cluster=mn5_acc", "cluster.num_nodes=1"]) == 1
+    assert "nothing fits" in capsys.readouterr().out
+    assert main(["plan"]) == 2
+    assert "has no GPUs to plan for" in capsys.readouterr().err
