@@ -153,7 +153,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     result = plan(spec, stage.seq_length, stage.global_batch_size, cl.num_nodes, cl.gpus_per_node,
                   Gpu(cl.gpu_memory_gb, cl.gpu_peak_tflops))  # fmt: skip
     steps = None
-    if isinstance(cfg.data, MixtureConfig):  # SFT: one step per global batch of conversations, per epoch
+    if args.tokens:  # a token budget (the CPT stages): full windows of seq_length tokens
+        steps = -(-int(args.tokens) // (stage.global_batch_size * stage.seq_length))
+    elif isinstance(cfg.data, MixtureConfig):  # SFT: one step per global batch of conversations, per epoch
         conversations = sum(sum(d.counts.values()) for d in cfg.data.datasets.values())
         steps = -(-conversations // stage.global_batch_size) * stage.epochs
     if stage.max_steps:
@@ -268,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     planner.add_argument("--json", action="store_true", help="machine-readable output (ranked layouts)")
     planner.add_argument("--all", action="store_true", help="with --json: every layout, invalid ones with reasons")
     planner.add_argument("--top", type=int, default=15, help="rows of the table (default 15)")
+    planner.add_argument("--tokens", type=float, help="token budget of the stage (e.g. 36.8e9) for its wall-clock time")
     prep = add(
         "prepare",
         "prepare and cache a data mixture (data=sft_mixture)",

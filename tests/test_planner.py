@@ -118,6 +118,10 @@ def test_plan_cli(capsys):
     assert main(["plan", "model=alia_40b", "stage=sft", "cluster=mn5_acc", "data=sft_mixture", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["gpus"] == 64 and out["steps"] == 1392 and out["ranked"][0]["stage_hours"] > 0
+    argv = ["plan", "model=alia_40b", "cluster=mn5_acc", "stage.seq_length=163840", "stage.global_batch_size=24"]
+    assert main([*argv, "--tokens", "36.8e9", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] == 9359  # ceil(36.8e9 / (24 x 163,840))
     assert main(["plan", "model=alia_40b", "stage=sft", "cluster=mn5_acc", "cluster.num_nodes=1"]) == 1
     assert "nothing fits" in capsys.readouterr().out
     assert main(["plan"]) == 2
