@@ -37,11 +37,10 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from .chatml import IM_END, IM_START, ConversationError, validate_conversation
+from alia_nemo.chatml import IM_END, IM_START, ConversationError, validate_conversation
 
 Adapter = Callable[..., Iterator[dict]]
 
-LANGUAGES = ("ca", "en", "es", "eu", "gl", "pt")
 
 ISO3_TO_ISO1 = {"cat": "ca", "eng": "en", "spa": "es", "eus": "eu", "glg": "gl", "por": "pt"}
 NAME_TO_ISO1 = {

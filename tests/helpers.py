@@ -63,5 +63,20 @@ def token_and_sequence_means(model_dir: str, rows: list[dict]) -> tuple[float, f
     return total / count, sum(seq_means) / len(seq_means)
 
 
+def uneven_overrides(model_dir: str, data_file: str, output_dir: Path, steps: int) -> list[str]:
+    """Overrides that train the peaked model on the four uneven conversations, one global batch per step."""
+    return [
+        f"model.pretrained={model_dir}",
+        "data=jsonl",
+        f"data.files=[{data_file}]",
+        "data.val_fraction=0",
+        "stage.global_batch_size=4",
+        "stage.micro_batch_size=1",
+        f"stage.max_steps={steps}",
+        "stage.warmup_steps=0",
+        f"run.output_dir={output_dir}",
+    ]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -14,7 +14,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-ALL_LANGUAGES = ("ca", "en", "es", "eu", "gl", "pt")
+from alia_nemo.config_schema import LANGUAGES as ALL_LANGUAGES
+
 ISO3 = {"ca": "cat", "en": "eng", "es": "spa", "eu": "eus", "gl": "glg", "pt": "por"}
 NAMES = {"ca": "Catalan", "en": "English", "es": "Spanish", "eu": "Basque", "gl": "Galician", "pt": "Portuguese"}
 GLOTTOCODES = {

@@ -7,7 +7,13 @@ import pytest
 from alia_nemo.config_compose import load_config
 from alia_nemo.hf_training import SFTCollator, newest_complete_checkpoint, train_sft
 from alia_nemo.sft_data import prepare_data, prepare_sft
-from tests.helpers import read_jsonl, save_peaked_tiny_model, token_and_sequence_means, write_uneven_conversations
+from tests.helpers import (
+    read_jsonl,
+    save_peaked_tiny_model,
+    token_and_sequence_means,
+    uneven_overrides,
+    write_uneven_conversations,
+)
 
 
 def test_collator_pads_inputs_and_ignores_padding_in_labels():
@@ -43,20 +49,7 @@ def uneven_setup(tmp_path, tok):
 def test_loss_is_the_mean_over_trained_tokens_of_the_global_batch(tmp_path, tok, uneven_setup):
     model_dir, data_file, tok_dir = uneven_setup
     # One optimizer step whose global batch is all four conversations: 4 micro-batches of 1, accumulated.
-    cfg = load_config(
-        [
-            f"model.pretrained={model_dir}",
-            "data=jsonl",
-            f"data.files=[{data_file}]",
-            "data.val_fraction=0",
-            "stage.global_batch_size=4",
-            "stage.micro_batch_size=1",
-            "stage.max_steps=1",
-            "stage.warmup_steps=0",
-            f"run.output_dir={tmp_path / 'run'}",
-            "run.save_every=1",
-        ]
-    )
+    cfg = load_config([*uneven_overrides(model_dir, data_file, tmp_path / "run", 1), "run.save_every=1"])
     assert cfg.grad_accumulation == 4
     data = prepare_sft(cfg.data, tok, cfg.stage.seq_length, cfg.run.seed)
     token_mean, sequence_mean = token_and_sequence_means(model_dir, data.train)

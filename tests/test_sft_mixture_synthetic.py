@@ -12,12 +12,11 @@ import math
 import pytest
 
 from alia_nemo.config_compose import load_config
-from alia_nemo.config_schema import MixtureConfig
+from alia_nemo.config_schema import LANGUAGES, MixtureConfig
 from alia_nemo.sft_mixture import load_prepared, prepare_mixture
 from tests.source_fixtures import raw_rows
 
 SCALE = 0.03
-LANGUAGES = ("ca", "en", "es", "eu", "gl", "pt")
 ONE_TO_ONE = {"aya_dataset", "dolly", "no_robots", "openr1_math", "rag_multilingual", "towerblocks", "messages"}
 
 

@@ -9,11 +9,11 @@ import random
 import pytest
 
 from alia_nemo.chatml import validate_conversation
+from alia_nemo.config_schema import LANGUAGES
 from alia_nemo.sft_sources import (
     ADAPTERS,
     FLORES_SOURCE_PHRASES,
     FLORES_TEMPLATES,
-    LANGUAGES,
     flores_source_language,
     normalise_language,
     towerblocks_language,

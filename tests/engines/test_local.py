@@ -15,7 +15,13 @@ import pytest
 from alia_nemo.config_compose import load_config
 from alia_nemo.engines.local import run_local
 from alia_nemo.sft_data import prepare_sft
-from tests.helpers import read_jsonl, save_peaked_tiny_model, token_and_sequence_means, write_uneven_conversations
+from tests.helpers import (
+    read_jsonl,
+    save_peaked_tiny_model,
+    token_and_sequence_means,
+    uneven_overrides,
+    write_uneven_conversations,
+)
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "alia_nemo.cli"]
@@ -73,20 +79,7 @@ def test_default_job_trains_loss_falls_and_final_model_chats(tmp_path):
 def test_two_workers_average_loss_over_all_trained_tokens(tmp_path, tok):
     model_dir = save_peaked_tiny_model(tmp_path / "peaked")
     data_file = write_uneven_conversations(tmp_path / "uneven.jsonl")
-    cfg = load_config(
-        [
-            "recipe=sft-alia-tiny-1n0g-dp2",
-            f"model.pretrained={model_dir}",
-            "data=jsonl",
-            f"data.files=[{data_file}]",
-            "data.val_fraction=0",
-            "stage.global_batch_size=4",
-            "stage.micro_batch_size=1",
-            "stage.max_steps=2",
-            "stage.warmup_steps=0",
-            f"run.output_dir={tmp_path / 'run'}",
-        ]
-    )
+    cfg = load_config(["recipe=sft-alia-tiny-1n0g-dp2", *uneven_overrides(model_dir, data_file, tmp_path / "run", 2)])
     assert (cfg.engine.num_workers, cfg.grad_accumulation) == (2, 2)
     token_mean, sequence_mean = token_and_sequence_means(model_dir, prepare_sft(cfg.data, tok, 256, 0).train)
     assert abs(token_mean - sequence_mean) > 20 * 1e-4 * token_mean
