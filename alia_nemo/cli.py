@@ -6,9 +6,11 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from alia_nemo.chatml import ConversationError
 from alia_nemo.config_schema import ConfigError
+from alia_nemo.nemo_rl.schema import NemoRLConfigError
 from alia_nemo.sft_data import DataError
 from alia_nemo.sft_mixture import MixtureError
 from alia_nemo.tokenizer import TokenizerError
@@ -23,11 +25,11 @@ EXAMPLES = """examples:
   alia-nemo show model=alia_40b stage=sft
   alia-nemo model-info model=alia_40b
   alia-nemo show recipe=sft-alia-tiny-1n0g-dp2
+  alia-nemo compile recipe=sft-alia-40b-16n4g-megatron-tp4pp4cp4-actckpt --out sft40b.yaml
 """
 
 # Commands later issues deliver; the names are reserved so the dispatcher stays one.
 RESERVED = {
-    "compile": "compile a stage into a NeMo-RL SFT config",
     "submit": "submit a stage to a running Ray cluster",
     "pipeline": "run CPT 32k -> CPT 160k -> SFT -> export -> eval",
     "export": "export a finished stage as a Hugging Face directory",
@@ -50,6 +52,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from alia_nemo.engines import run_stage
 
     summary = run_stage(load_config(args.overrides))
+    if "train" not in summary:  # engine=nemo_rl: NeMo-RL printed its own progress
+        print(f"[alia-nemo] done: NeMo-RL config {summary['config']}, checkpoints {summary['checkpoints']}")
+        return 0
     train = summary["train"]
     line = f"[alia-nemo] done: {train.get('global_step')} steps"
     if "first_loss" in train:
@@ -83,7 +88,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from alia_nemo.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.tokenizer, allow_download=cfg.model.allow_download)
-    max_tokens = cfg.data.max_tokens or cfg.stage.seq_length
+    max_tokens = min(cfg.data.max_tokens or cfg.stage.seq_length, cfg.stage.seq_length)  # as train and compile
     out = sft_mixture.prepare_mixture(cfg.data, tokenizer, max_tokens, cfg.run.seed)
     manifest = json.loads((out / "manifest.json").read_text())
     if args.json:
@@ -204,6 +209,35 @@ def _print_plan_table(result: dict, cluster, top: int) -> None:
             )
 
 
+def _cmd_compile(args: argparse.Namespace) -> int:
+    import yaml
+
+    from alia_nemo.config_compose import load_config
+    from alia_nemo.nemo_rl.compile import compile_stage, header
+
+    cfg = load_config(args.overrides)
+    compiled = compile_stage(cfg, prepare=not args.no_prepare, check_memory=not args.skip_memory_check)
+    command = "alia-nemo compile " + " ".join(args.overrides)
+    text = header(cfg, compiled, command.strip()) + yaml.safe_dump(compiled.config, sort_keys=False, width=120)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    if args.json:
+        print(json.dumps({"out": str(out), **compiled.derived}, indent=2))
+    else:
+        d = compiled.derived
+        lay = d["layout"]
+        print(f"[alia-nemo] wrote {out}")
+        print(
+            f"[alia-nemo] {d['train_conversations']:,} conversations ({d['counted_from']}), {d['max_num_steps']:,} "
+            f"steps; TP{lay['tp']} PP{lay['pp']} CP{lay['cp']} DP{lay['dp']} on {d['gpus']} GPUs"
+        )
+        print(f"[alia-nemo] run it: uv run examples/run_sft.py --config {out.resolve()}  (in a NeMo-RL checkout)")
+    return 0
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from alia_nemo.architectures import parameter_report
     from alia_nemo.config_compose import load_config
@@ -282,6 +316,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--dry-run", action="store_true", help="print the plan (datasets, counts, paths); read nothing")
     prep.add_argument("--json", action="store_true", help="machine-readable output")
+    comp = add(
+        "compile",
+        "compile a stage into a NeMo-RL v0.7 SFT config (engine=nemo_rl)",
+        _cmd_compile,
+        "Compose the configuration (it must use engine=nemo_rl and a GPU cluster profile), prepare the mixture "
+        "(or find it in the cache), and write one standalone NeMo-RL SFT YAML that upstream examples/run_sft.py "
+        "runs unchanged. The YAML is checked against a strict mirror of NeMo-RL's keys and the parallel layout "
+        "against the model before it is written.",
+    )
+    comp.add_argument("--out", required=True, help="where to write the YAML")
+    comp.add_argument(
+        "--no-prepare",
+        action="store_true",
+        help="do not read data: steps from the mixture's requested counts, dataset path left as a placeholder",
+    )
+    comp.add_argument("--json", action="store_true", help="print the derived numbers as JSON")
+    comp.add_argument("--skip-memory-check", action="store_true", help="write the YAML even if the planner says OOM")
     add(
         "model-info",
         "print parameter counts of model= as JSON (analytic, transformers, megatron-core)",
@@ -297,10 +348,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``alia-nemo`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`compile --out F stage.lr=1e-5`): argparse leaves those over.
+    args, rest = parser.parse_known_args(argv)
+    flags = [r for r in rest if r.startswith("-") and "=" not in r.split("-", 2)[-1][:1]]
+    if flags:
+        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    args.overrides = list(getattr(args, "overrides", [])) + [r for r in rest if r not in flags]
     try:
         return args.fn(args)
-    except (ConfigError, DataError, MixtureError, ConversationError, TokenizerError, FileNotFoundError) as exc:
+    except (
+        ConfigError,
+        NemoRLConfigError,
+        DataError,
+        MixtureError,
+        ConversationError,
+        TokenizerError,
+        FileNotFoundError,
+    ) as exc:
         print(f"alia-nemo {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -31,9 +31,19 @@ def config_root() -> Path:
     raise ConfigError(f"no conf/config.yaml found in {[c for c in candidates if c]}; set ALIA_NEMO_CONFIG_ROOT")
 
 
+def recipe_files() -> dict[str, Path]:
+    """Every recipe under ``recipes/`` (any depth) by name; names must be unique across folders."""
+    found: dict[str, Path] = {}
+    for path in sorted((config_root() / "recipes").rglob("*.yaml")):
+        if path.stem in found:
+            raise ConfigError(f"recipe name {path.stem!r} is used twice: {found[path.stem]} and {path}; rename one")
+        found[path.stem] = path
+    return found
+
+
 def available_recipes() -> list[str]:
     """Names accepted by ``recipe=NAME``."""
-    return sorted(p.stem for p in (config_root() / "recipes").glob("*.yaml"))
+    return sorted(recipe_files())
 
 
 def _register_resolvers() -> None:
@@ -70,7 +80,7 @@ def compose_dict(overrides: list[str] | None = None) -> dict[str, Any]:
     if recipe is None:
         config_dir, name = root / "conf", "config"
     else:
-        config_dir, name = root / "recipes", recipe
+        config_dir, name = recipe_files()[recipe].parent, recipe
         rest = [f"hydra.searchpath=[file://{root / 'conf'}]", *rest]
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):

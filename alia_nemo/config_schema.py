@@ -140,12 +140,59 @@ DATA_FORMATS = ("messages_jsonl", "mixture")
 
 
 class EngineConfig(_Section):
-    name: Literal["local"] = Field("local", description="local (Ray Train); nemo_rl arrives with its issue")
+    """The local engine: Ray Train workers running transformers' Trainer (CPU or GPU)."""
+
+    name: Literal["local"] = Field("local", description="local (Ray Train + transformers) or nemo_rl")
     num_workers: int = Field(1, gt=0, description="data-parallel training workers")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     torch_threads: int | None = Field(None, gt=0, description="intra-op threads per worker (null: CPUs / workers)")
     ray_address: str | None = Field(None, description="existing Ray cluster; null: RAY_ADDRESS or in-process Ray")
+
+    def data_parallel_size(self, cluster: ClusterConfig) -> int:
+        return self.num_workers
+
+
+class NemoRLLoggerConfig(_Section):
+    tensorboard: bool = True
+    wandb: bool = False
+    mlflow: bool = False
+    wandb_project: str = "alia-nemo"
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow server (null: a local ./mlruns store)")
+    monitor_gpus: bool = True
+
+
+class NemoRLEngineConfig(_Section):
+    """NeMo-RL v0.7 on GPUs: ``alia-nemo compile`` turns these keys into its SFT config."""
+
+    name: Literal["nemo_rl"]
+    backend: Literal["megatron", "dtensor"] = Field("megatron", description="Megatron-core or DTensor (FSDP2)")
+    tensor_parallel: int = Field(1, gt=0)
+    pipeline_parallel: int = Field(1, gt=0, description="Megatron only")
+    context_parallel: int = Field(1, gt=0)
+    sequence_parallel: bool = Field(False, description="shard activations along the sequence across TP ranks")
+    first_pipeline_stage_layers: int | None = Field(None, gt=0, description="uneven PP: layers on the first stage")
+    last_pipeline_stage_layers: int | None = Field(None, gt=0, description="uneven PP: layers on the last stage")
+    activation_checkpointing: bool = False
+    sequence_packing: bool = Field(False, description="pack several conversations into each micro-batch")
+    cpu_offload: bool = Field(False, description="DTensor only: offload parameters to CPU")
+    ray_address: str | None = Field(None, description="existing Ray cluster; null: RAY_ADDRESS or a local one")
+    val_batches: int = Field(8, ge=0, description="validation batches per evaluation (0: the whole set)")
+    val_global_batch_size: int | None = Field(None, gt=0, description="null: stage.global_batch_size")
+    val_micro_batch_size: int = Field(1, gt=0)
+    val_at_start: bool = False
+    dataloader_workers: int = Field(1, ge=0)
+    logger: NemoRLLoggerConfig = NemoRLLoggerConfig()
+
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+    def data_parallel_size(self, cluster: ClusterConfig) -> int:
+        return max(1, cluster.num_nodes * cluster.gpus_per_node // self.model_parallel_size())
+
+
+AnyEngineConfig = Annotated[EngineConfig | NemoRLEngineConfig, Field(discriminator="name")]
+ENGINE_NAMES = ("local", "nemo_rl")
 
 
 class ClusterConfig(_Section):
@@ -174,12 +221,14 @@ class AliaConfig(_Section):
     model: ModelConfig
     stage: StageConfig
     data: AnyDataConfig
-    engine: EngineConfig
+    engine: AnyEngineConfig
     cluster: ClusterConfig
     run: RunConfig
 
     @model_validator(mode="after")
     def _batch_divides(self) -> AliaConfig:
+        if self.engine.name == "nemo_rl":
+            return self  # checked against the parallel layout by alia_nemo.nemo_rl.schema at compile time
         per_step = self.stage.micro_batch_size * self.engine.num_workers
         if self.stage.global_batch_size % per_step:
             raise ValueError(
@@ -191,12 +240,14 @@ class AliaConfig(_Section):
     @property
     def grad_accumulation(self) -> int:
         """Micro-batches each worker accumulates per optimizer step."""
-        return self.stage.global_batch_size // (self.stage.micro_batch_size * self.engine.num_workers)
+        dp = self.engine.data_parallel_size(self.cluster)
+        return self.stage.global_batch_size // (self.stage.micro_batch_size * dp)
 
 
 def _describe(err: dict[str, Any]) -> str:
     # Drop the union tag pydantic puts after "data" (data.mixture.datasets... -> data.datasets...).
-    loc = [p for i, p in enumerate(err["loc"]) if not (i == 1 and err["loc"][0] == "data" and p in DATA_FORMATS)]
+    tags = {"data": DATA_FORMATS, "engine": ENGINE_NAMES}
+    loc = [p for i, p in enumerate(err["loc"]) if not (i == 1 and p in tags.get(err["loc"][0], ()))]
     key = ".".join(str(p) for p in loc) or "<root>"
     if err["type"] == "extra_forbidden":
         return f"{key}: unknown key; remove it or fix its spelling (check `alia-nemo show`)"

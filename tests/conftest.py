@@ -36,5 +36,5 @@ def pytest_collection_modifyitems(config, items):
         reason="nemo_rl not importable: run in the NeMo-RL container or with its source on PYTHONPATH"
     )
     for item in items:
-        if "nemo_rl" in item.keywords:
+        if item.get_closest_marker("nemo_rl") is not None:
             item.add_marker(skip)

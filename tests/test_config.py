@@ -105,7 +105,7 @@ def test_override_grammar_add_and_delete():
         (["learning_rate=1"], r"(?s)Could not override 'learning_rate'.*\+learning_rate=1"),
         (["model=alia_13b"], r"Could not find 'model/alia_13b'"),
         (["stage.lr=[1"], r"Hydra's grammar"),
-        (["recipe=nope"], r"unknown recipe 'nope'; available recipes: \['sft-alia-tiny"),
+        (["recipe=nope"], r"unknown recipe 'nope'; available recipes: \['sft-alia-2b"),
     ],
 )
 def test_bad_overrides_fail_with_a_message_naming_the_key(overrides, message):

@@ -13,4 +13,8 @@ def run_stage(cfg: AliaConfig) -> dict[str, Any]:
         from alia_nemo.engines.local import run_local
 
         return run_local(cfg)
+    if cfg.engine.name == "nemo_rl":
+        from alia_nemo.engines.nemo_rl import run_nemo_rl
+
+        return run_nemo_rl(cfg)
     raise NotImplementedError(f"engine {cfg.engine.name!r} is not available yet")

@@ -1,0 +1,10 @@
+"""Plugins NeMo-RL loads by dotted path. Importing this package never imports NeMo-RL.
+
+- ``alia_nemo.nemo_rl.AliaSFTDataset``: a prepared SFT mixture as a NeMo-RL raw dataset.
+- ``alia_nemo.nemo_rl.alia_sft_processor``: ChatML tokens with assistant-only loss masks as a DatumSpec.
+"""
+
+from alia_nemo.nemo_rl.dataset import AliaSFTDataset
+from alia_nemo.nemo_rl.processor import alia_sft_processor
+
+__all__ = ["AliaSFTDataset", "alia_sft_processor"]

@@ -1,0 +1,115 @@
+"""``AliaSFTDataset``: a prepared SFT mixture as a NeMo-RL raw dataset (loaded by dotted path).
+
+NeMo-RL builds it as ``AliaSFTDataset(**data.train)`` and then calls ``set_task_spec`` and
+``set_processor``; it reads ``task_name``, ``dataset``, ``val_dataset``, ``task_spec`` and ``processor``.
+Rows are read from the mixture's Parquet shards, memory-mapped by ``datasets``; each row gives
+``messages`` (decoded on access), ``task_name``, ``id``, ``source`` and ``language``.
+NeMo-RL is imported only inside ``set_task_spec``/``set_processor``, which only NeMo-RL calls.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+PROCESSOR_NAME = "alia_sft_processor"
+# Keys NeMo-RL's dataset entries may carry that mean nothing for a prepared mixture.
+_IGNORED_KEYS = {"dataset_name", "processor", "env_name", "split", "seed", "download_dir"}
+
+
+class AliaDataError(ValueError):
+    """A prepared mixture that can not be read; names the path and how to build it."""
+
+
+def _decode(batch: dict[str, list]) -> dict[str, list]:
+    batch = dict(batch)
+    batch["messages"] = [json.loads(m) for m in batch["messages"]]
+    return batch
+
+
+def _load_split(directory: Path, names: list[str], task_name: str):
+    import datasets
+
+    files = [str(directory / n) for n in names]
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise AliaDataError(f"prepared mixture {directory} lacks {missing}; rebuild it with `alia-nemo prepare`")
+    ds = datasets.Dataset.from_parquet(files, columns=["id", "source", "language", "messages"])
+    ds = ds.add_column("task_name", [task_name] * len(ds))
+    ds.set_transform(_decode)  # JSON -> list of messages when a row is read, not for the whole set up front
+    return ds
+
+
+class AliaSFTDataset:
+    """A mixture prepared by ``alia-nemo prepare``, split into ``dataset`` (train) and ``val_dataset``.
+
+    Args:
+        data_path: the prepared mixture's directory (it holds ``manifest.json``).
+        task_name: the NeMo-RL task these rows belong to.
+        use_validation: expose the mixture's held-out rows as ``val_dataset``.
+        prompt_file, system_prompt_file: must be null; conversations carry their own system turns.
+    Other keys NeMo-RL passes from the dataset entry (``dataset_name``, ``processor``, ...) are accepted;
+    unknown keys are refused so a typo does not pass silently.
+    """
+
+    def __init__(
+        self,
+        data_path: str,
+        task_name: str = "alia_sft",
+        use_validation: bool = True,
+        prompt_file: str | None = None,
+        system_prompt_file: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        unknown = sorted(set(kwargs) - _IGNORED_KEYS)
+        if unknown:
+            raise TypeError(
+                f"AliaSFTDataset got unknown keys {unknown} in data.train; it takes data_path, task_name, "
+                "use_validation (and NeMo-RL's dataset_name/processor)"
+            )
+        if prompt_file or system_prompt_file:
+            raise AliaDataError(
+                "prompt_file/system_prompt_file would rewrite prepared conversations; set them to null "
+                "(system turns belong in the data)"
+            )
+        directory = Path(data_path).expanduser()
+        manifest_path = directory / "manifest.json"
+        if not manifest_path.is_file():
+            raise AliaDataError(
+                f"data.train.data_path={data_path!r} is not a prepared mixture (no manifest.json); build it with "
+                "`alia-nemo prepare <overrides>` and compile again (alia-nemo compile fills in the path)"
+            )
+        self.data_path = str(directory)
+        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        self.task_name = task_name
+        self.processor_name = kwargs.get("processor") or PROCESSOR_NAME
+        self.dataset = _load_split(directory, self.manifest["files"]["train"], task_name)
+        val_files = self.manifest["files"].get("val") or []
+        self.val_dataset = _load_split(directory, val_files, task_name) if use_validation and val_files else None
+        self.data_config: dict[str, Any] = {}
+        self.task_spec: Any = None
+        self.processor: Any = None
+        self.preprocessor = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_task_spec(self, data_config: dict[str, Any]) -> None:
+        """NeMo-RL's RawDataset contract: keep the entry and build the TaskDataSpec."""
+        from nemo_rl.data.interfaces import TaskDataSpec
+
+        self.data_config = dict(data_config)
+        self.task_spec = TaskDataSpec(task_name=self.task_name)
+
+    def set_processor(self) -> None:
+        """Register our processor with NeMo-RL (once per process) and bind the one the entry names."""
+        from nemo_rl.data.processors import PROCESSOR_REGISTRY, register_processor
+
+        from alia_nemo.nemo_rl.processor import alia_sft_processor
+
+        if PROCESSOR_NAME not in PROCESSOR_REGISTRY:
+            register_processor(PROCESSOR_NAME, alia_sft_processor)
+        if self.processor_name not in PROCESSOR_REGISTRY:
+            raise AliaDataError(f"processor {self.processor_name!r} is not registered; use {PROCESSOR_NAME!r}")
+        self.processor = PROCESSOR_REGISTRY[self.processor_name]

@@ -1,0 +1,117 @@
+"""The SFT processor NeMo-RL calls per conversation: ChatML tokens with our assistant-only loss mask.
+
+NeMo-RL's SFT loop rebuilds ``token_loss_mask`` from each ``message_log`` entry's role (every token of
+an ``assistant`` entry is trained). So the log is cut at our mask's edges: ``assistant`` entries hold
+exactly the trained tokens (assistant content + its ``<|im_end|>``) and everything else (BOS, system and
+user turns, the ``<|im_start|>assistant\\n`` headers, the newlines between turns) sits in entries named
+for the turn they start with. No NeMo-RL import is needed: DatumSpec is a plain dict.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from alia_nemo.chatml import render_segments, tokenize_conversation
+
+# Conversations the processor had to mask out (over-long), by task; reported by the engine.
+OVERLONG: Counter = Counter()
+
+
+def segment_message_log(
+    messages: Sequence[Mapping[str, str]], input_ids: Sequence[int], loss_mask: Sequence[int], bos_token: str
+) -> list[dict[str, Any]]:
+    """Split a tokenised conversation into message-log entries along the loss mask's runs.
+
+    Returns dicts with ``role``, ``content`` (the entry's text) and ``token_ids`` (a list; the processor
+    turns them into tensors). Concatenating the entries gives back ``input_ids``; an entry's role is
+    ``assistant`` exactly when its tokens are trained.
+    """
+    runs: list[tuple[int, int, int]] = []  # (start, end, trained)
+    for i, m in enumerate(loss_mask):
+        if runs and runs[-1][2] == m:
+            runs[-1] = (runs[-1][0], i + 1, m)
+        else:
+            runs.append((i, i + 1, int(m)))
+    # The rendered text in the same alternation: untrained text, trained text, untrained text, ...
+    pieces: list[tuple[str, bool, str]] = []  # (text, trained, role of the turn the piece starts in)
+    segments = render_segments(messages, bos_token)
+    roles = [None] + [m["role"] for m in messages for _ in range(2 if m["role"] == "assistant" else 1)]
+    for seg, role in zip(segments, roles):
+        if pieces and pieces[-1][1] == seg.trained:
+            pieces[-1] = (pieces[-1][0] + seg.text, seg.trained, pieces[-1][2])
+        else:
+            pieces.append((seg.text, seg.trained, role or messages[0]["role"]))
+    if len(pieces) != len(runs) or any(bool(r[2]) != p[1] for r, p in zip(runs, pieces)):
+        raise ValueError(
+            f"loss mask runs ({len(runs)}) do not line up with the ChatML segments ({len(pieces)}); "
+            "the tokenizer merged text across a turn boundary"
+        )
+    log = []
+    for (start, end, trained), (text, _, role) in zip(runs, pieces):
+        entry_role = "assistant" if trained else ("user" if role == "assistant" else role)
+        log.append({"role": entry_role, "content": text, "token_ids": list(input_ids[start:end])})
+    return log
+
+
+def alia_sft_processor(
+    datum_dict: dict[str, Any],
+    task_data_spec: Any,
+    tokenizer: Any,
+    max_seq_length: int | None,
+    idx: int,
+    add_bos: bool = True,
+    add_eos: bool = False,
+    add_generation_prompt: bool = False,
+) -> dict[str, Any]:
+    """NeMo-RL ``TaskDataProcessFnCallable``: a datum with ``messages`` -> a DatumSpec.
+
+    ``add_eos`` must be false (ChatML ends each turn with ``<|im_end|>``; an extra ``</s>`` would be trained
+    after it) and ``add_generation_prompt`` false (SFT conversations end with the assistant's answer).
+    ``add_bos=false`` drops the BOS the template writes.
+    """
+    import torch
+
+    if add_eos:
+        raise ValueError(
+            "data.add_eos=true would append </s> after <|im_end|> and train it; ALIA's ChatML ends turns with "
+            "<|im_end|>: set data.add_eos=false (alia-nemo compile does)"
+        )
+    if add_generation_prompt:
+        raise ValueError("data.add_generation_prompt=true opens an untrained assistant turn; set it to false for SFT")
+    messages = datum_dict["messages"]
+    cid = str(datum_dict.get("id", f"#{idx}"))
+    tok = tokenize_conversation(tokenizer, messages, cid)
+    log = segment_message_log(messages, tok.input_ids, tok.loss_mask, tokenizer.bos_token)
+    if not add_bos and log[0]["token_ids"][:1] == [tokenizer.bos_token_id]:
+        log[0]["token_ids"] = log[0]["token_ids"][1:]
+        log[0]["content"] = log[0]["content"].removeprefix(tokenizer.bos_token)
+    length = sum(len(m["token_ids"]) for m in log)
+    loss_multiplier = 1.0
+    if max_seq_length is not None and length > max_seq_length:
+        # Can not happen with a mixture prepared for this length; if it does, say so instead of NeMo-RL's silence.
+        task = datum_dict.get("task_name", "?")
+        OVERLONG[task] += 1
+        print(
+            f"[alia-nemo] conversation {cid} has {length} tokens > max_input_seq_length={max_seq_length}: "
+            f"masked out (loss 0), {OVERLONG[task]} so far in {task}; prepare the mixture for this length",
+            file=sys.stderr,
+        )
+        keep = max_seq_length
+        for m in log:
+            m["token_ids"], keep = m["token_ids"][:keep], max(0, keep - len(m["token_ids"]))
+        log = [m for m in log if m["token_ids"]]
+        length = sum(len(m["token_ids"]) for m in log)
+        loss_multiplier = 0.0
+    for m in log:
+        m["token_ids"] = torch.tensor(m["token_ids"], dtype=torch.long)
+    return {
+        "message_log": log,
+        "length": length,
+        "extra_env_info": None,
+        "loss_multiplier": loss_multiplier,
+        "idx": idx,
+        "task_name": datum_dict.get("task_name", getattr(task_data_spec, "task_name", None)),
+    }

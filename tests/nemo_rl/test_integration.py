@@ -1,0 +1,78 @@
+"""The real NeMo-RL (v0.7): our plugins through its loader, collate and loss-mask path; its MasterConfig.
+
+Marked ``nemo_rl``: they run where ``nemo_rl`` imports (its container, or its source on PYTHONPATH with
+Python >= 3.12 for MasterConfig) and are skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from alia_nemo.chatml import tokenize_conversation
+from alia_nemo.config_compose import available_recipes, load_config
+from alia_nemo.nemo_rl.compile import compile_stage
+
+pytestmark = pytest.mark.nemo_rl
+
+
+def _master(config):
+    from nemo_rl.algorithms.sft import MasterConfig
+
+    return MasterConfig(**config)
+
+
+def test_dataset_class_loads_through_nemo_rls_dotted_path_loader(tiny_compiled):
+    from nemo_rl.data.datasets import load_response_dataset
+    from nemo_rl.data.processors import PROCESSOR_REGISTRY
+
+    _, compiled = tiny_compiled
+    raw = load_response_dataset(dict(compiled.config["data"]["train"]))
+    assert type(raw).__module__ == "alia_nemo.nemo_rl.dataset"
+    assert raw.task_spec.task_name == "alia_sft"
+    assert raw.processor is PROCESSOR_REGISTRY["alia_sft_processor"]
+    assert len(raw.dataset) == 282 and len(raw.val_dataset) == 18
+
+
+def test_batches_through_collate_and_loss_mask_equal_our_masks(tiny_compiled):
+    from nemo_rl.algorithms.utils import get_tokenizer
+    from nemo_rl.data.collate_fn import rl_collate_fn
+    from nemo_rl.data.llm_message_utils import add_loss_mask_to_message_log, batched_message_log_to_flat_message
+
+    from alia_nemo.engines.nemo_rl import build_datasets
+
+    _, compiled = tiny_compiled
+    master = _master(compiled.config)
+    tokenizer = get_tokenizer(master.policy["tokenizer"])
+    train, val = build_datasets(master, tokenizer)
+    assert len(train) == 282 and len(val) == 18
+    batch = rl_collate_fn([train[i] for i in range(16)])
+    add_loss_mask_to_message_log(batch["message_log"], roles_to_train_on=["assistant"])
+    flat, lengths = batched_message_log_to_flat_message(
+        batch["message_log"],
+        pad_value_dict={"token_ids": tokenizer.pad_token_id},
+        make_sequence_length_divisible_by=master.policy["make_sequence_length_divisible_by"],
+    )
+    trained = 0
+    for i in range(16):
+        ours = tokenize_conversation(tokenizer, train.dataset[i]["messages"])
+        n = int(lengths[i])
+        assert flat["token_ids"][i, :n].tolist() == ours.input_ids
+        assert flat["token_loss_mask"][i, :n].tolist() == ours.loss_mask
+        assert flat["token_loss_mask"][i, n:].sum() == 0
+        trained += sum(ours.loss_mask)
+    assert int(flat["token_loss_mask"].sum()) == trained > 0
+    assert batch["loss_multiplier"].tolist() == [1.0] * 16
+
+
+@pytest.mark.parametrize("recipe", available_recipes())
+def test_every_recipe_is_accepted_by_nemo_rls_master_config(recipe, tmp_path):
+    pytest.importorskip("nemo_rl.algorithms.sft", reason="MasterConfig needs Python >= 3.12")
+    cfg = load_config([f"recipe={recipe}", f"run.output_dir={tmp_path}"])
+    if cfg.engine.name != "nemo_rl":
+        pytest.skip("local-engine recipe")
+    compiled = compile_stage(cfg, prepare=cfg.data.name == "sample", progress=False)
+    master = _master(compiled.config)
+    assert master.policy["train_global_batch_size"] == cfg.stage.global_batch_size
+    assert master.data["add_eos"] is False
+    assert master.data["train"]["dataset_name"] == "alia_nemo.nemo_rl.AliaSFTDataset"
+    assert master.data["train"]["use_validation"] is (compiled.derived["val_conversations"] > 0)

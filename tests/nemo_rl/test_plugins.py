@@ -1,0 +1,104 @@
+"""Our dataset class and processor against NeMo-RL's RawDataset / DatumSpec contracts, by structure (CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from alia_nemo.chatml import tokenize_conversation
+from alia_nemo.nemo_rl import AliaSFTDataset, alia_sft_processor
+from alia_nemo.nemo_rl.dataset import AliaDataError
+from alia_nemo.nemo_rl.processor import OVERLONG, segment_message_log
+
+MESSAGES = [
+    {"role": "system", "content": "Ets un assistent."},
+    {"role": "user", "content": "Hola, com estàs?"},
+    {"role": "assistant", "content": "Molt bé, gràcies."},
+    {"role": "user", "content": "I tu?"},
+    {"role": "assistant", "content": "També 123."},
+]
+
+
+def test_importing_plugins_does_not_import_nemo_rl():
+    code = "import sys, alia_nemo.nemo_rl, alia_nemo.nemo_rl.compile; print('nemo_rl' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_dataset_exposes_the_raw_dataset_contract(tiny_compiled):
+    _, compiled = tiny_compiled
+    entry = compiled.config["data"]["train"]
+    ds = AliaSFTDataset(**entry)  # exactly how NeMo-RL's loader builds it
+    manifest = ds.manifest
+    assert ds.task_name == "alia_sft"
+    assert len(ds.dataset) == manifest["totals"]["selected"] + manifest["totals"].get("repeated", 0) == 282
+    assert len(ds.val_dataset) == manifest["totals"]["val"] == 18
+    row = ds.dataset[0]
+    assert row["task_name"] == "alia_sft"
+    assert isinstance(row["messages"], list) and row["messages"][-1]["role"] == "assistant"
+    assert {"id", "source", "language"} <= set(row)
+    for attr in ("task_spec", "processor", "set_task_spec", "set_processor", "val_dataset", "dataset"):
+        assert hasattr(ds, attr)
+    assert set(ds.dataset[0]["id"] for _ in range(1)) and ds.dataset[0]["id"] != ds.val_dataset[0]["id"]
+
+
+def test_dataset_refuses_bad_entries(tiny_compiled, tmp_path):
+    _, compiled = tiny_compiled
+    entry = dict(compiled.config["data"]["train"])
+    with pytest.raises(TypeError, match="unknown keys \\['data_pth'\\]"):
+        AliaSFTDataset(**entry, data_pth="x")
+    with pytest.raises(AliaDataError, match=r"not a prepared mixture.*alia-nemo prepare"):
+        AliaSFTDataset(**{**entry, "data_path": str(tmp_path)})
+    with pytest.raises(AliaDataError, match="prompt_file"):
+        AliaSFTDataset(**{**entry, "prompt_file": "p.txt"})
+    no_val = AliaSFTDataset(**{**entry, "use_validation": False})
+    assert no_val.val_dataset is None
+
+
+def test_processor_yields_datumspec_whose_assistant_entries_are_the_mask(tok):
+    datum = alia_sft_processor({"messages": MESSAGES, "task_name": "alia_sft"}, None, tok, 256, 7)
+    assert set(datum) == {"message_log", "length", "extra_env_info", "loss_multiplier", "idx", "task_name"}
+    assert datum["idx"] == 7 and datum["loss_multiplier"] == 1.0 and datum["extra_env_info"] is None
+    ours = tokenize_conversation(tok, MESSAGES)
+    log = datum["message_log"]
+    assert all(isinstance(m["token_ids"], torch.Tensor) and m["token_ids"].dtype == torch.long for m in log)
+    ids = torch.cat([m["token_ids"] for m in log]).tolist()
+    # NeMo-RL's rule: every token of an assistant entry is trained, nothing else.
+    mask = [int(m["role"] == "assistant") for m in log for _ in range(len(m["token_ids"]))]
+    assert ids == ours.input_ids and mask == ours.loss_mask and datum["length"] == len(ids)
+    assert [m["role"] for m in log] == ["system", "assistant", "user", "assistant"]
+    assert [m["content"] for m in log if m["role"] == "assistant"] == [
+        "Molt bé, gràcies.<|im_end|>",
+        "També 123.<|im_end|>",
+    ]
+    assert log[0]["content"].startswith("<s><|im_start|>system\n") and log[0]["content"].endswith(
+        "<|im_start|>assistant\n"
+    )
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+
+
+def test_processor_options(tok):
+    with pytest.raises(ValueError, match="add_eos=false"):
+        alia_sft_processor({"messages": MESSAGES}, None, tok, 256, 0, add_eos=True)
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        alia_sft_processor({"messages": MESSAGES}, None, tok, 256, 0, add_generation_prompt=True)
+    without_bos = alia_sft_processor({"messages": MESSAGES}, None, tok, 256, 0, add_bos=False)
+    assert without_bos["message_log"][0]["token_ids"][0].item() != tok.bos_token_id
+    assert without_bos["length"] == len(tokenize_conversation(tok, MESSAGES).input_ids) - 1
+
+
+def test_overlong_conversation_is_masked_and_counted(tok, capsys):
+    before = OVERLONG["t"]
+    datum = alia_sft_processor({"messages": MESSAGES, "task_name": "t"}, None, tok, 10, 0)
+    assert datum["loss_multiplier"] == 0.0 and datum["length"] == 10
+    assert OVERLONG["t"] == before + 1
+    assert "masked out" in capsys.readouterr().err
+
+
+def test_segment_message_log_rejects_masks_that_do_not_line_up(tok):
+    ours = tokenize_conversation(tok, MESSAGES)
+    with pytest.raises(ValueError, match="do not line up"):
+        segment_message_log(MESSAGES, ours.input_ids, [1] * len(ours.input_ids), tok.bos_token)
