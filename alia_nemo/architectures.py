@@ -88,7 +88,8 @@ class AliaSpec:
         from transformers import LlamaConfig
 
         rope = rope or RopeSettings()
-        context = max(self.base_context, seq_length or 0)
+        # A stage that rescales RoPE defines the new context; otherwise keep at least the base context.
+        context = seq_length if rope.type != "none" and seq_length else max(self.base_context, seq_length or 0)
         return LlamaConfig(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,

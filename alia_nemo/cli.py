@@ -43,8 +43,30 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.list_recipes:
         print("\n".join(available_recipes()))
         return 0
-    print(to_yaml(load_config(args.overrides)), end="")
+    cfg = load_config(args.overrides)
+    print(to_yaml(cfg), end="")
+    if cfg.stage.kind == "cpt":
+        print(describe_cpt(cfg))
     return 0
+
+
+def describe_cpt(cfg) -> str:
+    """The derived numbers of a CPT stage as YAML comments (what `show` appends)."""
+    from alia_nemo.config_schema import cpt_schedule
+
+    s = cfg.stage
+    dp = cfg.engine.data_parallel_size(cfg.cluster)
+    d = cpt_schedule(s, dp)
+    target = f"{s.tokens_per_update:,} tokens/update / {s.seq_length:,}" if s.tokens_per_update else "set explicitly"
+    lines = [
+        f"global batch {d['global_batch_size']} windows ({target}, rounded to the nearest multiple of DP {dp} x "
+        f"micro-batch {s.micro_batch_size} = {d['rounded_to_multiple_of']})",
+        f"tokens per update {d['tokens_per_update']:,}",
+        f"steps {d['steps']:,}"
+        + (f" = ceil({s.token_budget:,} budget / {d['tokens_per_update']:,})" if s.token_budget else ""),
+        f"tokens trained {d['tokens']:,}" if d["tokens"] else "tokens trained: unbounded (no budget, no max_steps)",
+    ]
+    return "# derived (CPT):\n" + "".join(f"#   {line}\n" for line in lines)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -68,9 +90,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from alia_nemo.config_compose import load_config
-    from alia_nemo.config_schema import ConfigError, MixtureConfig
+    from alia_nemo.config_schema import ConfigError, MixtureConfig, TextCorpusConfig
 
     cfg = load_config(args.overrides)
+    if isinstance(cfg.data, TextCorpusConfig):
+        return _prepare_corpus(cfg, args)
     if not isinstance(cfg.data, MixtureConfig):
         raise ConfigError(
             f"alia-nemo prepare needs a mixture (e.g. data=sft_mixture); data={cfg.data.name} is "
@@ -96,6 +120,48 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     else:
         _print_manifest(manifest)
         print(f"[alia-nemo] prepared mixture: {out}")
+    return 0
+
+
+def _prepare_corpus(cfg, args: argparse.Namespace) -> int:
+    """`prepare` for a CPT stage: pack the corpus into windows of stage.seq_length (or show the plan)."""
+    from alia_nemo.sft_data import corpus_tokens
+    from alia_nemo.text_corpus import quotas
+
+    tokens = corpus_tokens(cfg)
+    total = tokens + cfg.data.val_windows * cfg.stage.seq_length
+    if args.dry_run:
+        plan = {
+            "name": cfg.data.name,
+            "seq_length": cfg.stage.seq_length,
+            "train_tokens": tokens,
+            "val_windows": cfg.data.val_windows,
+            "quotas": quotas(cfg.data, total),
+            "sources": {n: s.model_dump(mode="json") for n, s in cfg.data.sources.items()},
+        }
+        print(json.dumps(plan, indent=2))
+        return 0
+    from alia_nemo.packing import prepare_corpus
+    from alia_nemo.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer, allow_download=cfg.model.allow_download)
+    out = prepare_corpus(cfg.data, tokenizer, cfg.stage.seq_length, tokens, cfg.run.seed)
+    manifest = json.loads((out / "manifest.json").read_text())
+    summary = {k: manifest[k] for k in ("train_windows", "train_windows_needed", "val_windows", "shortfall_windows")}
+    if args.json:
+        print(json.dumps({"prepared": str(out), **summary, "packing": manifest["packing"]}, indent=2))
+    else:
+        pk = manifest["packing"]
+        print(
+            f"[alia-nemo] packed {pk['documents']:,} documents ({pk['stream_tokens']:,} tokens) into "
+            f"{summary['train_windows']:,} training + {summary['val_windows']:,} validation windows of "
+            f"{cfg.stage.seq_length:,} tokens; tail {pk['tail_tokens']:,} tokens ({cfg.data.tail}); real tokens "
+            f"{pk['real_token_fraction']:.4%}"
+        )
+        for name, src in manifest["sources"].items():
+            print(f"[alia-nemo]   {name}: {src['documents']:,} documents, {src['tokens']:,} tokens, "
+                  f"{src['passes']} full passes, dropped {src['dropped'] or 0}")  # fmt: skip
+        print(f"[alia-nemo] prepared corpus: {out}")
     return 0
 
 
@@ -231,7 +297,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         lay = d["layout"]
         print(f"[alia-nemo] wrote {out}")
         print(
-            f"[alia-nemo] {d['train_conversations']:,} conversations ({d['counted_from']}), {d['max_num_steps']:,} "
+            f"[alia-nemo] {d['train_rows']:,} {'windows' if cfg.stage.kind == 'cpt' else 'conversations'} "
+            f"({d['counted_from']}), {d['max_num_steps']:,} "
             f"steps; TP{lay['tp']} PP{lay['pp']} CP{lay['cp']} DP{lay['dp']} on {d['gpus']} GPUs"
         )
         print(f"[alia-nemo] run it: uv run examples/run_sft.py --config {out.resolve()}  (in a NeMo-RL checkout)")

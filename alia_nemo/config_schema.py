@@ -38,20 +38,22 @@ class ModelConfig(_Section):
 
 class RopeConfig(_Section):
     type: Literal["none", "llama3", "theta"] = "none"
-    factor: float = Field(1.0, gt=0)
+    factor: float | None = Field(
+        None, gt=0, description="llama3 scaling factor (null: stage.seq_length / original_max_position_embeddings)"
+    )
     original_max_position_embeddings: int = Field(4096, gt=0)
     low_freq_factor: float = Field(1.0, gt=0)
     high_freq_factor: float = Field(4.0, gt=0)
     theta: float | None = Field(None, gt=0)
 
     def settings(self) -> RopeSettings:
-        return RopeSettings(**self.model_dump())
+        return RopeSettings(**{**self.model_dump(), "factor": self.factor or 1.0})
 
 
 class StageConfig(_Section):
     name: str
-    kind: Literal["sft"] = Field("sft", description="sft (CPT stages arrive with the long-context issue)")
-    seq_length: int = Field(gt=0, description="longest training sequence in tokens")
+    kind: Literal["sft", "cpt"] = Field("sft", description="sft (chat, assistant tokens) or cpt (plain text, all)")
+    seq_length: int = Field(gt=0, description="longest training sequence in tokens (CPT: the window length)")
     lr: float = Field(gt=0)
     lr_scheduler: Literal["constant", "cosine"]
     warmup_steps: int = Field(0, ge=0)
@@ -61,10 +63,28 @@ class StageConfig(_Section):
     adam_eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     epochs: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (null: epochs)")
-    global_batch_size: int = Field(gt=0, description="sequences per optimizer step, over all workers")
+    max_steps: int | None = Field(
+        None, gt=0, description="stop after this many optimizer steps (null: epochs; CPT: token_budget)"
+    )
+    global_batch_size: int | None = Field(
+        None, gt=0, description="sequences per optimizer step, over all workers (CPT null: from tokens_per_update)"
+    )
     micro_batch_size: int = Field(gt=0, description="sequences per worker per forward/backward")
+    token_budget: int | None = Field(None, gt=0, description="CPT: tokens to train on (sets max_steps)")
+    tokens_per_update: int | None = Field(None, gt=0, description="CPT: target tokens per optimizer step")
     rope: RopeConfig = RopeConfig()
+
+    @model_validator(mode="after")
+    def _complete(self) -> StageConfig:
+        if self.rope.type == "llama3" and self.rope.factor is None:
+            # Llama-3.1-style default: scale by how much longer the stage is than the original context.
+            factor = self.seq_length / self.rope.original_max_position_embeddings
+            object.__setattr__(self.rope, "factor", factor)
+        if self.kind == "sft" and self.global_batch_size is None:
+            raise ValueError("stage.global_batch_size is required for SFT stages")
+        if self.kind == "cpt" and self.global_batch_size is None and self.tokens_per_update is None:
+            raise ValueError("a CPT stage needs stage.tokens_per_update (or an explicit stage.global_batch_size)")
+        return self
 
 
 class DataConfig(_Section):
@@ -135,8 +155,47 @@ class MixtureConfig(_Section):
     datasets: dict[str, MixtureDatasetConfig] = Field(min_length=1)
 
 
-AnyDataConfig = Annotated[DataConfig | MixtureConfig, Field(discriminator="format")]
-DATA_FORMATS = ("messages_jsonl", "mixture")
+class CorpusSourceConfig(_Section):
+    """One plain-text source of a CPT corpus: local files or a hub dataset, streamed."""
+
+    kind: Literal["local", "hf"]
+    files: list[str] | None = Field(None, description="JSONL / Parquet / Arrow files; glob patterns allowed")
+    path: str | None = Field(None, description="hub dataset id (kind=hf), read with streaming")
+    name: str | None = Field(None, description="hub config name")
+    split: str = "train"
+    revision: str | None = None
+    text_field: str = Field("text", description="the column / key holding the document text")
+    weight: float = Field(1.0, gt=0, description="share of the token budget (normalised over sources)")
+    language: str | None = Field(None, description="language tag recorded per document (null: mixed / unknown)")
+
+    @model_validator(mode="after")
+    def _has_a_place(self) -> CorpusSourceConfig:
+        if self.kind == "local" and not self.files:
+            raise ValueError("kind=local needs files")
+        if self.kind == "hf" and not self.path:
+            raise ValueError("kind=hf needs path (hub dataset id)")
+        return self
+
+
+class TextCorpusConfig(_Section):
+    """A token-packed plain-text corpus for continued pretraining: windows of exactly stage.seq_length."""
+
+    name: str
+    format: Literal["text_corpus"]
+    prepared_root: str = Field(description="where packed corpora are cached, one directory per input hash")
+    sources: dict[str, CorpusSourceConfig] = Field(min_length=1)
+    add_bos: bool = Field(True, description="start each document with BOS (it always ends with EOS)")
+    min_chars: int = Field(1, ge=1, description="documents with fewer characters are dropped (and counted)")
+    tail: Literal["drop", "pad"] = Field("drop", description="the last, partial window: drop it or pad it")
+    on_shortfall: Literal["error", "repeat", "take_all"] = Field(
+        "error", description="a source with fewer tokens than its share: stop, read it again, or take what there is"
+    )
+    val_windows: int = Field(0, ge=0, description="windows held out for validation (the first ones packed)")
+    max_tokens: int | None = Field(None, gt=0, description="tokens to pack (null: the stage's token budget)")
+
+
+AnyDataConfig = Annotated[DataConfig | MixtureConfig | TextCorpusConfig, Field(discriminator="format")]
+DATA_FORMATS = ("messages_jsonl", "mixture", "text_corpus")
 
 
 class EngineConfig(_Section):
@@ -227,6 +286,14 @@ class AliaConfig(_Section):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> AliaConfig:
+        if self.stage.kind == "cpt":
+            self._derive_cpt()
+        chat = isinstance(self.data, (DataConfig, MixtureConfig))
+        if (self.stage.kind == "sft") != chat:
+            raise ValueError(
+                f"stage.kind={self.stage.kind} does not go with data.format={self.data.format}: SFT stages take "
+                "conversations (data=sample, data=sft_mixture), CPT stages a text corpus (data=cpt_sample, ...)"
+            )
         if self.engine.name == "nemo_rl":
             return self  # checked against the parallel layout by alia_nemo.nemo_rl.schema at compile time
         per_step = self.stage.micro_batch_size * self.engine.num_workers
@@ -237,11 +304,44 @@ class AliaConfig(_Section):
             )
         return self
 
+    def _derive_cpt(self) -> None:
+        """Fill a CPT stage's global batch and steps from its token targets (see :func:`cpt_schedule`)."""
+        sched = cpt_schedule(self.stage, self.engine.data_parallel_size(self.cluster))
+        object.__setattr__(self.stage, "global_batch_size", sched["global_batch_size"])
+        if self.stage.max_steps is None and sched["steps"] is not None:
+            object.__setattr__(self.stage, "max_steps", sched["steps"])
+
     @property
     def grad_accumulation(self) -> int:
         """Micro-batches each worker accumulates per optimizer step."""
         dp = self.engine.data_parallel_size(self.cluster)
         return self.stage.global_batch_size // (self.stage.micro_batch_size * dp)
+
+
+def cpt_schedule(stage: StageConfig, data_parallel: int) -> dict[str, Any]:
+    """Global batch, steps and tokens of a CPT stage from ``tokens_per_update`` and ``token_budget``.
+
+    The global batch is tokens_per_update / seq_length rounded to the nearest multiple of
+    data_parallel x micro_batch_size (at least one such multiple), so every rank gets whole micro-batches;
+    an explicit ``stage.global_batch_size`` wins. Steps = ceil(token_budget / (global batch x seq_length)):
+    the budget is met, overshooting by less than one step. An explicit ``stage.max_steps`` wins.
+    """
+    unit = data_parallel * stage.micro_batch_size
+    if stage.global_batch_size is not None:
+        gbs = stage.global_batch_size
+    else:
+        assert stage.tokens_per_update is not None
+        gbs = max(unit, round(stage.tokens_per_update / stage.seq_length / unit) * unit)
+    per_step = gbs * stage.seq_length
+    steps = -(-stage.token_budget // per_step) if stage.token_budget else None
+    steps = stage.max_steps or steps
+    return {
+        "global_batch_size": gbs,
+        "rounded_to_multiple_of": unit,
+        "tokens_per_update": per_step,
+        "steps": steps,
+        "tokens": steps * per_step if steps else None,
+    }
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -62,6 +62,19 @@ class SFTCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def stage_config_overrides(cfg: AliaConfig) -> dict[str, Any]:
+    """transformers config keys a stage sets on its starting model (empty when it keeps its RoPE)."""
+    from alia_nemo.architectures import get_spec
+
+    rope = cfg.stage.rope.settings()
+    if rope.type == "none":
+        return {}
+    return {
+        "max_position_embeddings": cfg.stage.seq_length,
+        "rope_parameters": rope.hf_rope_parameters(get_spec(cfg.model.arch).rope_theta),
+    }
+
+
 def build_model(cfg: AliaConfig):
     """The stage's starting model: pretrained weights when given, else a seeded random init of the spec."""
     import torch
@@ -71,8 +84,13 @@ def build_model(cfg: AliaConfig):
 
     dtype = getattr(torch, cfg.model.dtype)
     if cfg.model.pretrained:
+        # A stage that changes RoPE (the CPT stages) rewrites the starting model's context and rotary
+        # settings; the model saved at the end records them, which is how the next stage inherits them.
         return AutoModelForCausalLM.from_pretrained(
-            cfg.model.pretrained, dtype=dtype, local_files_only=not cfg.model.allow_download
+            cfg.model.pretrained,
+            dtype=dtype,
+            local_files_only=not cfg.model.allow_download,
+            **stage_config_overrides(cfg),
         )
     torch.manual_seed(cfg.run.seed)
     hf_config = get_spec(cfg.model.arch).hf_config(cfg.stage.seq_length, cfg.stage.rope.settings())
@@ -83,7 +101,7 @@ def training_arguments(cfg: AliaConfig, output_dir: Path, use_cpu: bool, report_
     """transformers ``TrainingArguments`` for the stage: AdamW, schedule, clipping, checkpoints, logging."""
     from transformers import TrainingArguments
 
-    has_val = cfg.data.val_fraction > 0
+    has_val = getattr(cfg.data, "val_fraction", 0) > 0 or getattr(cfg.data, "val_windows", 0) > 0
     eval_every = cfg.run.eval_every
     return TrainingArguments(
         output_dir=str(output_dir / "checkpoints"),

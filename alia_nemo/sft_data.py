@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from alia_nemo.chatml import ConversationError, tokenize_conversation, validate_conversation
-from alia_nemo.config_schema import AliaConfig, DataConfig
+from alia_nemo.config_schema import AliaConfig, DataConfig, TextCorpusConfig
 
 
 class DataError(ValueError):
@@ -119,9 +119,23 @@ def prepare_sft(data: DataConfig, tokenizer, seq_length: int, seed: int) -> Prep
 
 
 def prepare_data(cfg: AliaConfig, tokenizer) -> PreparedSFT:
-    """Training rows for a run: JSONL files tokenised now, or a mixture prepared (or found cached) first."""
+    """Training rows for a run: JSONL files tokenised now, a mixture or a packed corpus prepared (or cached)."""
     if isinstance(cfg.data, DataConfig):
         return prepare_sft(cfg.data, tokenizer, cfg.stage.seq_length, cfg.run.seed)
+    if isinstance(cfg.data, TextCorpusConfig):
+        from alia_nemo.packing import load_packed, prepare_corpus
+
+        directory = prepare_corpus(cfg.data, tokenizer, cfg.stage.seq_length, corpus_tokens(cfg), cfg.run.seed)
+        train, val, manifest = load_packed(directory)
+        report = {
+            "prepared": str(directory),
+            "train": len(train),
+            "val": len(val),
+            "shortfall_windows": manifest["shortfall_windows"],
+            "packing": manifest["packing"],
+            "sources": manifest["sources"],
+        }
+        return PreparedSFT(train, val, report)
     from alia_nemo.sft_mixture import load_prepared, prepare_mixture
 
     max_tokens = min(cfg.data.max_tokens or cfg.stage.seq_length, cfg.stage.seq_length)
@@ -129,3 +143,14 @@ def prepare_data(cfg: AliaConfig, tokenizer) -> PreparedSFT:
     train, val, manifest = load_prepared(directory)
     report = {"prepared": str(directory), "train": len(train), "val": len(val), **manifest["totals"]}
     return PreparedSFT(train, val, report)
+
+
+def corpus_tokens(cfg: AliaConfig) -> int:
+    """Training tokens to pack for a CPT stage: data.max_tokens, else every step's full windows."""
+    assert isinstance(cfg.data, TextCorpusConfig)
+    if cfg.data.max_tokens:
+        return cfg.data.max_tokens
+    steps = cfg.stage.max_steps
+    if steps is None:
+        raise DataError("a CPT stage needs stage.token_budget or stage.max_steps to know how much to pack")
+    return steps * (cfg.stage.global_batch_size or 1) * cfg.stage.seq_length

@@ -282,7 +282,7 @@ def _select_dataset(
 # ------------------------------------------------------------------------------------------- caching
 
 
-def _tokenizer_hash(tokenizer) -> str:
+def tokenizer_hash(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -297,7 +297,7 @@ def code_version() -> str:
     return f"{__version__}+{digest.hexdigest()[:12]}"
 
 
-def _file_fingerprint(path: str) -> dict[str, Any]:
+def file_fingerprint(path: str) -> dict[str, Any]:
     st = os.stat(path)
     return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
@@ -307,11 +307,11 @@ def cache_key(mix: MixtureConfig, tokenizer, max_tokens: int, seed: int) -> str:
     datasets = {}
     for name, entry in active_datasets(mix).items():
         d = entry.model_dump(mode="json")
-        d["files"] = [_file_fingerprint(f) for f in entry.origin.files or [] if Path(f).is_file()]
+        d["files"] = [file_fingerprint(f) for f in entry.origin.files or [] if Path(f).is_file()]
         datasets[name] = d
     inputs = {
         "datasets": datasets,
-        "tokenizer": _tokenizer_hash(tokenizer),
+        "tokenizer": tokenizer_hash(tokenizer),
         "template": hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest(),
         "max_tokens": max_tokens,
         "seed": seed,
@@ -348,7 +348,7 @@ def _write_shards(rows: list[dict], out: Path, split: str) -> list[str]:
     return names
 
 
-def _clean_stale_tmp(root: Path, key: str) -> None:
+def clean_stale_tmp(root: Path, key: str) -> None:
     for tmp in root.glob(f".tmp-{key[:16]}-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
         alive = pid.isdigit() and Path(f"/proc/{pid}").exists() and int(pid) != os.getpid()
@@ -377,7 +377,7 @@ def prepare_mixture(mix: MixtureConfig, tokenizer, max_tokens: int, seed: int, p
     if (final / "manifest.json").is_file():
         return final  # identical inputs: nothing to do
     root.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(root, key)
+    clean_stale_tmp(root, key)
     tmp = root / f".tmp-{key[:16]}-{os.getpid()}"
     tmp.mkdir()
 
@@ -457,7 +457,7 @@ def _manifest(mix, report, files, key, tokenizer, max_tokens, seed, seconds) -> 
         "code_version": code_version(),
         "tokenizer": {
             "name_or_path": getattr(tokenizer, "name_or_path", None),
-            "sha256": _tokenizer_hash(tokenizer),
+            "sha256": tokenizer_hash(tokenizer),
             "vocab_size": len(tokenizer),
         },
         "template_sha256": hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest(),

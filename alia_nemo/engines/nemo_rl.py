@@ -122,6 +122,6 @@ def run_nemo_rl(cfg: AliaConfig) -> dict[str, Any]:
         "config": str(path),
         "checkpoints": str(checkpoints),
         "log_dir": master.logger["log_dir"],
-        "train_conversations": len(train),
+        "train_rows": len(train),
         "masked_overlong": dict(OVERLONG),
     }

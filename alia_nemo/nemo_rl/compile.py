@@ -13,11 +13,14 @@ from typing import Any
 
 from alia_nemo.architectures import get_spec
 from alia_nemo.chatml import CHAT_TEMPLATE
-from alia_nemo.config_schema import AliaConfig, ConfigError, MixtureConfig, NemoRLEngineConfig
+from alia_nemo.config_schema import AliaConfig, ConfigError, MixtureConfig, NemoRLEngineConfig, TextCorpusConfig
+from alia_nemo.hf_training import stage_config_overrides
 from alia_nemo.nemo_rl.dataset import PROCESSOR_NAME
 from alia_nemo.nemo_rl.schema import validate_nemo_rl
+from alia_nemo.nemo_rl.text_dataset import TEXT_PROCESSOR_NAME
 
 DATASET_CLASS = "alia_nemo.nemo_rl.AliaSFTDataset"
+TEXT_DATASET_CLASS = "alia_nemo.nemo_rl.AliaTextDataset"
 TASK_NAME = "alia_sft"
 UNPREPARED = "UNPREPARED: run `alia-nemo prepare` with the same overrides, then compile again"
 
@@ -38,10 +41,10 @@ def _engine(cfg: AliaConfig) -> NemoRLEngineConfig:
             f"cluster={cfg.cluster.name} has no GPUs; NeMo-RL trains on GPUs: pick cluster=mn5_acc, h100_8x80 "
             "or set cluster.gpus_per_node / cluster.num_nodes"
         )
-    if not isinstance(cfg.data, MixtureConfig):
+    if not isinstance(cfg.data, (MixtureConfig, TextCorpusConfig)):
         raise ConfigError(
-            "compile reads a prepared mixture (data.format=mixture, e.g. data=sample or data=sft_mixture); "
-            "plain JSONL files go into a mixture through the `messages` adapter"
+            "compile reads a prepared mixture (data.format=mixture, e.g. data=sample or data=sft_mixture) or a "
+            "packed corpus (data.format=text_corpus); plain JSONL goes into a mixture through the `messages` adapter"
         )
     return cfg.engine
 
@@ -89,7 +92,9 @@ def _start_model(cfg: AliaConfig, out: Path, materialise: bool) -> tuple[str, st
 
 
 def _train_rows(cfg: AliaConfig, prepare: bool, progress: bool) -> tuple[str, int, int, str]:
-    """(data_path, training conversations, validation conversations, where the counts come from)."""
+    """(data_path, training rows, validation rows, where the counts come from): conversations or windows."""
+    if isinstance(cfg.data, TextCorpusConfig):
+        return _train_windows(cfg, prepare, progress)
     mix = cfg.data
     assert isinstance(mix, MixtureConfig)
     max_tokens = min(mix.max_tokens or cfg.stage.seq_length, cfg.stage.seq_length)
@@ -110,6 +115,25 @@ def _train_rows(cfg: AliaConfig, prepare: bool, progress: bool) -> tuple[str, in
     totals = manifest["totals"]
     n_train = totals.get("selected", 0) + totals.get("repeated", 0)
     return str(directory), n_train, totals.get("val", 0), f"prepared mixture {directory.name}"
+
+
+def _train_windows(cfg: AliaConfig, prepare: bool, progress: bool) -> tuple[str, int, int, str]:
+    from alia_nemo.sft_data import corpus_tokens
+
+    corpus = cfg.data
+    assert isinstance(corpus, TextCorpusConfig)
+    tokens = corpus_tokens(cfg)
+    if not prepare:
+        return UNPREPARED, -(-tokens // cfg.stage.seq_length), corpus.val_windows, "token budget (corpus not packed)"
+    import json
+
+    from alia_nemo.packing import prepare_corpus
+    from alia_nemo.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.allow_download)
+    directory = prepare_corpus(corpus, tokenizer, cfg.stage.seq_length, tokens, cfg.run.seed, progress=progress)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    return str(directory), manifest["train_windows"], manifest["val_windows"], f"packed corpus {directory.name}"
 
 
 def _optimizers(cfg: AliaConfig, steps: int, precision: str) -> dict[str, Any]:
@@ -228,7 +252,7 @@ def compile_stage(
     gbs = s.global_batch_size
     if n_train < gbs:
         raise ConfigError(
-            f"{n_train} training conversations do not fill one global batch of {gbs}; lower "
+            f"{n_train} training rows do not fill one global batch of {gbs}; lower "
             "stage.global_batch_size or use more data"
         )
     steps_per_epoch = n_train // gbs  # NeMo-RL's loader drops the last partial batch
@@ -241,15 +265,10 @@ def compile_stage(
         raise ConfigError("engine.pipeline_parallel (and uneven stages) need engine.backend=megatron")
     opt = _optimizers(cfg, steps, precision)
     megatron = eng.backend == "megatron"
+    cpt = s.kind == "cpt"
     has_val = n_val > 0
-    rope = s.rope.settings()
-    hf_overrides: dict[str, Any] = {}
-    if rope.type != "none":
-        # transformers 5.x reads rope_parameters (rope_theta lives inside it); a bare rope_theta is ignored.
-        hf_overrides = {
-            "max_position_embeddings": s.seq_length,
-            "rope_parameters": rope.hf_rope_parameters(spec.rope_theta),
-        }
+    # transformers 5.x reads rope_parameters (rope_theta lives inside it); a bare rope_theta is ignored.
+    hf_overrides = stage_config_overrides(cfg)
     divisible = 2 * cp * tp if cp > 1 else tp
     run_name = Path(out).name
     policy: dict[str, Any] = {
@@ -344,17 +363,17 @@ def compile_stage(
         "policy": policy,
         "data": {
             "max_input_seq_length": s.seq_length,
-            "add_bos": True,  # the ChatML template writes BOS once; our processor keeps it
+            "add_bos": True,  # ChatML writes BOS once (our processor keeps it); windows carry theirs
             "add_eos": False,  # turns end with <|im_end|>; NeMo-RL's EOS would be trained after it
             "add_generation_prompt": False,
             "shuffle": True,
             "num_workers": eng.dataloader_workers,
             "train": {
-                "dataset_name": DATASET_CLASS,
+                "dataset_name": TEXT_DATASET_CLASS if cpt else DATASET_CLASS,
                 "data_path": data_path,
-                "task_name": TASK_NAME,
+                "task_name": "alia_cpt" if cpt else TASK_NAME,
                 "use_validation": has_val,
-                "processor": PROCESSOR_NAME,
+                "processor": TEXT_PROCESSOR_NAME if cpt else PROCESSOR_NAME,
                 "prompt_file": None,
                 "system_prompt_file": None,
             },
@@ -419,8 +438,8 @@ def compile_stage(
             "--skip-memory-check to compile anyway"
         )
     derived = {
-        "train_conversations": n_train,
-        "val_conversations": n_val,
+        "train_rows": n_train,
+        "val_rows": n_val,
         "counted_from": counted_from,
         "steps_per_epoch": steps_per_epoch,
         "max_num_steps": steps,
@@ -440,7 +459,8 @@ def header(cfg: AliaConfig, compiled: Compiled, command: str) -> str:
         f"NeMo-RL v0.7 SFT config compiled by alia-nemo from: {command}",
         f"model {cfg.model.arch} ({cfg.model.pretrained or 'random init'}), stage {cfg.stage.name}, "
         f"data {cfg.data.name}, cluster {cfg.cluster.name}",
-        f"{d['train_conversations']:,} training conversations ({d['counted_from']}) / global batch "
+        f"{d['train_rows']:,} training {'windows' if cfg.stage.kind == 'cpt' else 'conversations'} "
+        f"({d['counted_from']}) / global batch "
         f"{cfg.stage.global_batch_size} -> {d['max_num_steps']:,} steps",
         f"layout TP{d['layout']['tp']} PP{d['layout']['pp']} CP{d['layout']['cp']} DP{d['layout']['dp']} on "
         f"{d['gpus']} GPUs, {d['grad_accumulation']} micro-batches accumulated per step",

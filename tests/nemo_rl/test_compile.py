@@ -26,7 +26,7 @@ def test_tiny_recipe_compiles_with_exact_values(tiny_compiled):
     assert c["data"]["train"]["processor"] == "alia_sft_processor"
     assert (Path(c["data"]["train"]["data_path"]) / "manifest.json").is_file()
     # 282 training conversations, global batch 16 -> 17 full steps per epoch (last partial batch dropped), 2 epochs.
-    assert d["train_conversations"] == 282 and d["steps_per_epoch"] == 17 and c["sft"]["max_num_steps"] == 34
+    assert d["train_rows"] == 282 and d["steps_per_epoch"] == 17 and c["sft"]["max_num_steps"] == 34
     assert c["sft"]["val_period"] == 10 and c["sft"]["val_at_end"] is True
     assert c["policy"]["dtensor_cfg"]["enabled"] and not c["policy"]["megatron_cfg"]["enabled"]
     assert c["policy"]["optimizer"]["kwargs"]["lr"] == cfg.stage.lr

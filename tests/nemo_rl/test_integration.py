@@ -75,4 +75,4 @@ def test_every_recipe_is_accepted_by_nemo_rls_master_config(recipe, tmp_path):
     assert master.policy["train_global_batch_size"] == cfg.stage.global_batch_size
     assert master.data["add_eos"] is False
     assert master.data["train"]["dataset_name"] == "alia_nemo.nemo_rl.AliaSFTDataset"
-    assert master.data["train"]["use_validation"] is (compiled.derived["val_conversations"] > 0)
+    assert master.data["train"]["use_validation"] is (compiled.derived["val_rows"] > 0)
