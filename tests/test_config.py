@@ -24,12 +24,19 @@ def test_config_root_is_this_checkout():
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_group_option_composes_and_validates(group, option):
-    cfg = load_config([f"{group}={option}"])
-    assert isinstance(cfg, AliaConfig)
-    # The option's own keys made it into the result unchanged (validation is recursive, not partial).
     raw = yaml.safe_load((ROOT / "conf" / group / f"{option}.yaml").read_text())
+    # CPT stages take a text corpus and text corpora a CPT stage: compose each with a partner that fits.
+    partner = {"cpt": ["data=cpt_sample"], "text_corpus": ["stage=cpt_32k_tiny"]}
+    cfg = load_config([f"{group}={option}", *partner.get(raw.get("kind", raw.get("format")), [])])
+    assert isinstance(cfg, AliaConfig)
+    # The option's own keys made it into the result unchanged (validation is recursive, not partial);
+    # null keys a CPT stage derives (global batch, steps, RoPE factor) are checked in test_cpt_stages.
     section = cfg.model_dump()[group]
     for key, value in raw.items():
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v is not None}
+        if value is None and raw.get("kind") == "cpt":
+            continue
         if key != "defaults" and "${" not in str(value):
             assert section[key] == (value if not isinstance(value, dict) else {**section[key], **value})
 
@@ -41,13 +48,14 @@ def test_every_recipe_builds_and_documents_how_to_launch(recipe):
     header = (ROOT / "recipes" / f"{recipe}.yaml").read_text()
     assert f"alia-nemo train recipe={recipe}" in header and "Tested:" in header
     stage, model = recipe.split("-")[0], recipe.split("-")[2]
-    assert cfg.stage.name.startswith(stage) and cfg.model.arch == f"alia_{model}"
+    # The recipe's stage token is the stage name without its underscore (cpt_32k -> cpt32k).
+    assert cfg.stage.name.replace("_", "").startswith(stage) and cfg.model.arch == f"alia_{model}"
 
 
 def test_recipe_naming_convention():
     import re
 
-    pattern = re.compile(r"^(sft|cpt)-alia-(tiny|2b|7b|40b)-\d+n\d+g-[a-z0-9]+(-[a-z0-9]+)*$")
+    pattern = re.compile(r"^(sft|cpt32k|cpt160k)-alia-(tiny|2b|7b|40b)-\d+n\d+g-[a-z0-9]+(-[a-z0-9]+)*$")
     assert available_recipes() and all(pattern.match(r) for r in available_recipes())
 
 
@@ -105,7 +113,7 @@ def test_override_grammar_add_and_delete():
         (["learning_rate=1"], r"(?s)Could not override 'learning_rate'.*\+learning_rate=1"),
         (["model=alia_13b"], r"Could not find 'model/alia_13b'"),
         (["stage.lr=[1"], r"Hydra's grammar"),
-        (["recipe=nope"], r"unknown recipe 'nope'; available recipes: \['sft-alia-2b"),
+        (["recipe=nope"], r"unknown recipe 'nope'; available recipes: \['cpt160k-alia-40b"),
     ],
 )
 def test_bad_overrides_fail_with_a_message_naming_the_key(overrides, message):

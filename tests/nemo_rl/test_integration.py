@@ -74,5 +74,31 @@ def test_every_recipe_is_accepted_by_nemo_rls_master_config(recipe, tmp_path):
     master = _master(compiled.config)
     assert master.policy["train_global_batch_size"] == cfg.stage.global_batch_size
     assert master.data["add_eos"] is False
-    assert master.data["train"]["dataset_name"] == "alia_nemo.nemo_rl.AliaSFTDataset"
+    expected = "AliaTextDataset" if cfg.stage.kind == "cpt" else "AliaSFTDataset"
+    assert master.data["train"]["dataset_name"] == f"alia_nemo.nemo_rl.{expected}"
     assert master.data["train"]["use_validation"] is (compiled.derived["val_rows"] > 0)
+
+
+def test_packed_windows_through_nemo_rl_train_every_token(tmp_path):
+    from nemo_rl.algorithms.utils import get_tokenizer
+    from nemo_rl.data.collate_fn import rl_collate_fn
+    from nemo_rl.data.llm_message_utils import add_loss_mask_to_message_log, batched_message_log_to_flat_message
+
+    from alia_nemo.engines.nemo_rl import build_datasets
+
+    cfg = load_config(["stage=cpt_32k_tiny", "data=cpt_sample", "engine=nemo_rl", "cluster=single_gpu",
+                       f"run.output_dir={tmp_path}"])  # fmt: skip
+    compiled = compile_stage(cfg, progress=False)
+    master = _master(compiled.config)
+    tokenizer = get_tokenizer(master.policy["tokenizer"])
+    train, val = build_datasets(master, tokenizer)
+    assert len(train) == 160 and len(val) == 4
+    batch = rl_collate_fn([train[i] for i in range(4)])
+    add_loss_mask_to_message_log(batch["message_log"], roles_to_train_on=["assistant"])
+    flat, lengths = batched_message_log_to_flat_message(
+        batch["message_log"], pad_value_dict={"token_ids": tokenizer.pad_token_id}, make_sequence_length_divisible_by=1
+    )
+    assert lengths.tolist() == [256] * 4
+    assert int(flat["token_loss_mask"].sum()) == 4 * 256
+    for i in range(4):
+        assert flat["token_ids"][i].tolist() == train.dataset[i]["input_ids"]
