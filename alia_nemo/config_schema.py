@@ -233,6 +233,9 @@ class NemoRLEngineConfig(_Section):
     first_pipeline_stage_layers: int | None = Field(None, gt=0, description="uneven PP: layers on the first stage")
     last_pipeline_stage_layers: int | None = Field(None, gt=0, description="uneven PP: layers on the last stage")
     activation_checkpointing: bool = False
+    recompute_granularity: Literal["full", "selective"] = Field(
+        "full", description="with activation checkpointing: recompute whole layers, or only attention (Megatron)"
+    )
     sequence_packing: bool = Field(False, description="pack several conversations into each micro-batch")
     cpu_offload: bool = Field(False, description="DTensor only: offload parameters to CPU")
     ray_address: str | None = Field(None, description="existing Ray cluster; null: RAY_ADDRESS or a local one")

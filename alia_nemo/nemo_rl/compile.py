@@ -209,7 +209,7 @@ def memory_estimate(cfg: AliaConfig, dp: int) -> dict[str, Any] | None:
     spec = get_spec(cfg.model.arch)
     layout = Layout(
         eng.tensor_parallel, eng.pipeline_parallel, eng.context_parallel, dp, s.micro_batch_size,
-        "full" if eng.activation_checkpointing else "none", sequence_parallel=eng.sequence_parallel,
+        eng.recompute_granularity if eng.activation_checkpointing else "none", sequence_parallel=eng.sequence_parallel,
     )  # fmt: skip
     terms = memory_breakdown(spec, layout, s.seq_length, s.global_batch_size)
     budget = cl.gpu_memory_gb * 1e9 / 1024**3
@@ -217,14 +217,32 @@ def memory_estimate(cfg: AliaConfig, dp: int) -> dict[str, Any] | None:
     if terms["total"] > budget and cl.gpu_peak_tflops:
         ranked = plan(spec, s.seq_length, s.global_batch_size, cl.num_nodes, cl.gpus_per_node,
                       Gpu(cl.gpu_memory_gb, cl.gpu_peak_tflops))["ranked"]  # fmt: skip
-        if ranked:
-            lay = ranked[0]["layout"]
-            suggestion = (
-                f"engine.tensor_parallel={lay['tp']} engine.pipeline_parallel={lay['pp']} "
-                f"engine.context_parallel={lay['cp']} stage.micro_batch_size={lay['micro_batch']} "
-                f"(recompute {lay['recompute']})"
-            )
+        # The fitting layouts closest to the requested one (fewest changed sizes), fastest first among equals.
+        want = (eng.tensor_parallel, eng.pipeline_parallel, eng.context_parallel)
+
+        def distance(row: dict) -> int:
+            lay = row["layout"]
+            return sum(a != b for a, b in zip(want, (lay["tp"], lay["pp"], lay["cp"])))
+
+        picks = sorted(ranked, key=lambda r: (distance(r), r["step_s"]))[:3]
+        suggestion = "; ".join(_as_overrides(r) for r in picks) or None
     return {"total": round(terms["total"], 1), "budget": round(budget, 1), "suggestion": suggestion}
+
+
+def _as_overrides(row: dict[str, Any]) -> str:
+    """A planner layout as the overrides that select it, with its estimate."""
+    lay = row["layout"]
+    recompute = (
+        f"engine.activation_checkpointing=true engine.recompute_granularity={lay['recompute']}"
+        if lay["recompute"] != "none"
+        else "engine.activation_checkpointing=false"
+    )
+    if lay["cp"] > 1:
+        recompute += " engine.sequence_packing=true"  # Megatron context parallelism needs packing
+    return (
+        f"engine.tensor_parallel={lay['tp']} engine.pipeline_parallel={lay['pp']} engine.context_parallel={lay['cp']} "
+        f"stage.micro_batch_size={lay['micro_batch']} {recompute} ({row['memory_gib']['total']:.1f} GiB)"
+    )
 
 
 def compile_stage(
@@ -307,7 +325,7 @@ def compile_stage(
             "env_vars": {},
             "empty_unused_memory_level": 0,  # SFT has no generation phase to free memory for
             "activation_checkpointing": eng.activation_checkpointing,
-            "recompute_granularity": "full",
+            "recompute_granularity": eng.recompute_granularity,
             "recompute_modules": None,
             "tensor_model_parallel_size": tp,
             "expert_tensor_parallel_size": 1,
@@ -432,9 +450,9 @@ def compile_stage(
     if memory and check_memory and memory["total"] > memory["budget"]:
         raise ConfigError(
             f"estimated {memory['total']:.1f} GiB per GPU for TP{tp} PP{pp} CP{cp} DP{dp} "
-            f"(activation checkpointing {'on' if eng.activation_checkpointing else 'off'}) exceeds the "
+            f"(recompute {eng.recompute_granularity if eng.activation_checkpointing else 'off'}) exceeds the "
             f"{memory['budget']:.1f} GiB of a {cfg.cluster.gpu_name}; `alia-nemo plan` with the same overrides "
-            f"ranks layouts that fit (best here: {memory['suggestion'] or 'none'}); "
+            f"ranks layouts that fit (nearest here: {memory['suggestion'] or 'none'}); "
             "--skip-memory-check to compile anyway"
         )
     derived = {

@@ -115,7 +115,7 @@ def test_compile_refusals(tmp_path):
         compile_stage(
             load_config(["engine=nemo_rl", "cluster=mn5_acc", "model=alia_7b", "model.pretrained=null",
                          f"run.output_dir={tmp_path}"]), prepare=False)  # fmt: skip
-    with pytest.raises(ConfigError, match=r"estimated \d+\.\d GiB per GPU for TP1 PP1 CP1 DP64 .*best here: engine"):
+    with pytest.raises(ConfigError, match=r"estimated \d+\.\d GiB per GPU for TP1 PP1 CP1 DP64 .*nearest here: engine"):
         compile_stage(
             load_config(["engine=nemo_rl", "cluster=mn5_acc", "model=alia_40b", "stage=sft", "data=sft_mixture",
                          f"run.output_dir={tmp_path}"]), prepare=False)  # fmt: skip
