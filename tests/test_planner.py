@@ -126,3 +126,20 @@ def test_plan_cli(capsys):
     assert "nothing fits" in capsys.readouterr().out
     assert main(["plan"]) == 2
     assert "has no GPUs to plan for" in capsys.readouterr().err
+
+
+def test_every_shipped_40b_recipe_fits_the_marenostrum5_profile():
+    from alia_nemo.config_compose import available_recipes, load_config
+    from alia_nemo.nemo_rl.compile import memory_estimate
+
+    checked = []
+    for recipe in available_recipes():
+        cfg = load_config([f"recipe={recipe}"])
+        if cfg.model.arch != "alia_40b":
+            continue
+        assert cfg.cluster.name == "mn5_acc" and cfg.cluster.gpu_memory_gb == 64
+        est = memory_estimate(cfg, cfg.engine.data_parallel_size(cfg.cluster))
+        assert est is not None and est["total"] <= est["budget"] == 59.6, recipe
+        checked.append((recipe, est["total"]))
+    stages = {load_config([f"recipe={r}"]).stage.name for r, _ in checked}
+    assert stages == {"sft", "cpt_32k", "cpt_160k"}  # the card's three stages all have a 40B recipe
