@@ -27,7 +27,9 @@ from alia_nemo.config_schema import TextCorpusConfig
 from alia_nemo.sft_mixture import clean_stale_tmp, code_version, file_fingerprint, tokenizer_hash
 from alia_nemo.text_corpus import CorpusError, SourceStats, expand_files, interleave
 
-WRITE_BATCH_TOKENS = 1 << 24  # flush windows to Parquet every ~16M tokens: memory stays flat
+# Flush windows to Parquet every ~4M tokens (one shard each): peak memory is a few batches' worth of
+# tokens whatever the corpus size (benchmarks/bench_packing.py measures it).
+WRITE_BATCH_TOKENS = 1 << 22
 
 
 @dataclass
@@ -128,7 +130,7 @@ def cache_key(corpus: TextCorpusConfig, tokenizer, seq_length: int, tokens: int,
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-class _ShardWriter:
+class ShardWriter:
     """Windows -> Parquet shards of ~WRITE_BATCH_TOKENS tokens each, one row group per flush."""
 
     def __init__(self, out: Path, split: str, seq_length: int):
@@ -161,7 +163,8 @@ class _ShardWriter:
             }
         )
         name = f"{self.split}-{len(self.files):05d}.parquet"
-        pq.write_table(table, self.out / name)
+        # Dictionary-encoding random-looking token ids only costs memory; the source names repeat.
+        pq.write_table(table, self.out / name, use_dictionary=["sources"])
         self.files.append(name)
         self.rows = []
 
@@ -186,7 +189,7 @@ def prepare_corpus(
     stats: dict[str, SourceStats] = {}
     report = PackReport(seq_length, corpus.tail)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    writers = {"val": _ShardWriter(tmp, "val", seq_length), "train": _ShardWriter(tmp, "train", seq_length)}
+    writers = {"val": ShardWriter(tmp, "val", seq_length), "train": ShardWriter(tmp, "train", seq_length)}
     bar = tqdm(total=total, unit=" tok", unit_scale=True, desc=f"pack {corpus.name}", disable=not progress)
     stream = interleave(corpus, tokenizer, total, seed, stats)
     for w in pack_windows(stream, seq_length, report, corpus.tail, pad_id):
