@@ -30,7 +30,6 @@ EXAMPLES = """examples:
 
 # Commands later issues deliver; the names are reserved so the dispatcher stays one.
 RESERVED = {
-    "submit": "submit a stage to a running Ray cluster",
     "pipeline": "run CPT 32k -> CPT 160k -> SFT -> export -> eval",
     "export": "export a finished stage as a Hugging Face directory",
     "eval": "run the model card's evaluations",
@@ -305,6 +304,38 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from alia_nemo import submit
+
+    job_id = submit.submit(args.run, args.overrides, args.address, args.env)
+    print(job_id, flush=True)
+    if args.follow:
+        submit.follow(job_id, args.address)
+    if args.wait or args.follow:
+        final = submit.wait(job_id, args.address)
+        print(f"[alia-nemo] job {job_id} {final}", file=sys.stderr)
+        return submit.EXIT_CODES[final]
+    return 0
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from alia_nemo import submit
+
+    if args.action == "status":
+        info = submit.status(args.job_id, args.address)
+        print(json.dumps(info, indent=2))
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            submit.follow(args.job_id, args.address)
+        else:
+            print(submit.logs(args.job_id, args.address), end="")
+        return 0
+    stopped = submit.stop(args.job_id, args.address)
+    print(f"[alia-nemo] job {args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from alia_nemo.architectures import parameter_report
     from alia_nemo.config_compose import load_config
@@ -383,6 +414,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--dry-run", action="store_true", help="print the plan (datasets, counts, paths); read nothing")
     prep.add_argument("--json", action="store_true", help="machine-readable output")
+    sub_ = add(
+        "submit",
+        "submit a stage to a running Ray cluster (Ray's job API); prints the job id",
+        _cmd_submit,
+        "Submit `alia-nemo RUN OVERRIDES...` (RUN: train by default) as a Ray job. The overrides reach the job as "
+        "an argument list, never through a shell. Forwarded environment: HF caches and offline flags, ALIA_NEMO_* "
+        "data roots, and --env NAME=VALUE pairs (secret-looking names are refused). Exit status with --wait: "
+        "0 succeeded, 1 failed, 3 stopped.",
+    )
+    sub_.add_argument("--address", help="job API address, http://HEAD:8265 (default: RAY_ADDRESS)")
+    sub_.add_argument("--run", default="train", choices=["train", "prepare", "compile", "show"], help="command to run")
+    sub_.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment variable")
+    sub_.add_argument("--follow", action="store_true", help="stream the job's log until it ends (implies --wait)")
+    sub_.add_argument("--wait", action="store_true", help="wait for the job and exit with its status")
+    jobs = sub.add_parser(
+        "jobs",
+        help="status, logs or stop of a submitted job",
+        description="Inspect or stop a job submitted with `alia-nemo submit`.",
+    )
+    jobs.add_argument("action", choices=["status", "logs", "stop"])
+    jobs.add_argument("job_id", metavar="JOB")
+    jobs.add_argument("--address", help="job API address, http://HEAD:8265 (default: RAY_ADDRESS)")
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    jobs.set_defaults(fn=_cmd_jobs, overrides=[])
     comp = add(
         "compile",
         "compile a stage into a NeMo-RL v0.7 SFT config (engine=nemo_rl)",
