@@ -336,6 +336,19 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from alia_nemo.config_compose import load_config
+    from alia_nemo.model_cache import fetch, hub_ids
+
+    cfg = load_config(args.overrides)
+    if not hub_ids(cfg):
+        print("[alia-nemo] nothing to fetch: the model and tokenizer are local or built in")
+        return 0
+    for repo, path in fetch(cfg).items():
+        print(f"[alia-nemo] {repo} -> {path}")
+    return 0
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from alia_nemo.architectures import parameter_report
     from alia_nemo.config_compose import load_config
@@ -438,6 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--address", help="job API address, http://HEAD:8265 (default: RAY_ADDRESS)")
     jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     jobs.set_defaults(fn=_cmd_jobs, overrides=[])
+    add(
+        "fetch",
+        "download the run's model and tokenizer into the Hugging Face cache (login node, with network)",
+        _cmd_fetch,
+        "Download model.pretrained and model.tokenizer (hub ids) into the Hugging Face cache (HF_HOME), so that "
+        "offline compute nodes find them. Run it on a login node with network and the same HF_HOME as the jobs.",
+    )
     comp = add(
         "compile",
         "compile a stage into a NeMo-RL v0.7 SFT config (engine=nemo_rl)",

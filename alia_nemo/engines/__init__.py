@@ -8,7 +8,10 @@ from alia_nemo.config_schema import AliaConfig
 
 
 def run_stage(cfg: AliaConfig) -> dict[str, Any]:
-    """Dispatch a stage to the engine its config names."""
+    """Dispatch a stage to the engine its config names (after checking offline nodes have its models)."""
+    from alia_nemo.model_cache import require_cached
+
+    require_cached(cfg)
     if cfg.engine.name == "local":
         from alia_nemo.engines.local import run_local
 
