@@ -29,11 +29,7 @@ EXAMPLES = """examples:
 """
 
 # Commands later issues deliver; the names are reserved so the dispatcher stays one.
-RESERVED = {
-    "pipeline": "run CPT 32k -> CPT 160k -> SFT -> export -> eval",
-    "export": "export a finished stage as a Hugging Face directory",
-    "eval": "run the model card's evaluations",
-}
+RESERVED = {}
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -349,6 +345,75 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from alia_nemo.export import export
+
+    out = export(Path(args.source), Path(args.out), args.tokenizer)
+    print(f"[alia-nemo] exported {args.source} -> {out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.kind == "harness":
+        from alia_nemo import harness
+
+        argv = harness.command(Path(args.out), args.model, args.endpoint, args.served_model,
+                               args.languages.split(",") if args.languages else None, args.limit)  # fmt: skip
+        print("[alia-nemo] " + " ".join(argv), flush=True)
+        return 0 if args.dry_run else harness.run(argv)
+    from alia_nemo import niah
+
+    if bool(args.model) == bool(args.endpoint):
+        raise ConfigError("give exactly one of --model DIR (an export, transformers) or --endpoint URL")
+    from transformers import AutoTokenizer
+
+    if args.model:
+        backend = niah.TransformersBackend(args.model, max_new_tokens=args.max_new_tokens)
+        tokenizer, name = backend.tokenizer, args.model
+    else:
+        if not (args.served_model and args.tokenizer):
+            raise ConfigError("--endpoint needs --served-model and --tokenizer (to size the haystacks in tokens)")
+        backend = niah.OpenAIBackend(args.endpoint, args.served_model, max_tokens=args.max_new_tokens)
+        tokenizer, name = AutoTokenizer.from_pretrained(args.tokenizer), args.served_model
+    judge = niah.OpenAIBackend(args.judge_endpoint, args.judge_model, max_tokens=512) if args.judge_endpoint else None
+    lengths = [int(float(x)) for x in args.lengths.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+    haystack = Path(args.haystack).read_text(encoding="utf-8") if args.haystack else niah.default_haystack()
+
+    def show(t) -> None:
+        print(f"[alia-nemo] niah {t.length:>7,} tokens depth {t.depth:>5g}%: score {t.score:.2f} {t.response[:60]!r}",
+              flush=True)  # fmt: skip
+
+    trials = niah.run(lambda m: backend.chat(m, args.temperature), tokenizer, haystack, lengths, depths, judge, show)
+    files = niah.write_results(trials, Path(args.out), {"model": name, "temperature": args.temperature,
+                                                         "judge": args.judge_model if judge else None})  # fmt: skip
+    print(f"[alia-nemo] results {files['json']}, heat map {files['png']}")
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from alia_nemo.pipeline import Pipeline, load_pipeline
+
+    name, run_dir = None, None
+    for o in args.overrides:
+        key, _, value = o.partition("=")
+        if key == "recipe":
+            name = value
+        elif key == "run_dir":
+            run_dir = Path(value)
+        else:
+            raise ConfigError(f"pipeline takes recipe=NAME and run_dir=DIR; {o!r}: change stages in the pipeline file")
+    if not name:
+        raise ConfigError("pipeline needs recipe=NAME (conf/pipeline/NAME.yaml, e.g. recipe=alia-tiny-instruct)")
+    pipe = Pipeline(load_pipeline(name), run_dir)
+    state = pipe.run(args.from_step, args.only)
+    print(
+        f"[alia-nemo] pipeline {name} done in {pipe.run_dir}: "
+        + ", ".join(f"{k} {v['status']}" for k, v in state.items())
+    )
+    return 0
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from alia_nemo.architectures import parameter_report
     from alia_nemo.config_compose import load_config
@@ -458,6 +523,52 @@ def build_parser() -> argparse.ArgumentParser:
         "Download model.pretrained and model.tokenizer (hub ids) into the Hugging Face cache (HF_HOME), so that "
         "offline compute nodes find them. Run it on a login node with network and the same HF_HOME as the jobs.",
     )
+    pipe = add(
+        "pipeline",
+        "run CPT 32k -> CPT 160k -> SFT -> export -> eval (recipe=alia-40b-instruct or alia-tiny-instruct)",
+        _cmd_pipeline,
+        "Run the pipeline in conf/pipeline/NAME.yaml (recipe=NAME, optionally run_dir=DIR). pipeline.json in the run "
+        "directory records each step's config hash, inputs, times, status and output. A rerun skips finished steps, "
+        "resumes an interrupted one from its newest checkpoint, and stops if a finished step's config changed.",
+    )
+    pipe.add_argument("--from", dest="from_step", help="redo from this step (and everything after it)")
+    pipe.add_argument("--only", help="run just this step (earlier steps must have finished)")
+    exp = sub.add_parser(
+        "export",
+        help="export a finished stage as a Hugging Face directory (transformers, vLLM)",
+        description="Write a Hugging Face directory from a finished stage: weights, config.json (context length and "
+        "RoPE as trained), tokenizer with the ChatML template in tokenizer_config.json, and generation_config.json "
+        "with the card's defaults (stop on <|im_end|> and </s>, temperature 0.1, no repetition penalty). NeMo-RL "
+        "checkpoints are converted with NeMo-RL's converters (run inside its container).",
+    )
+    exp.add_argument("--from", dest="source", required=True, help="run directory, final/, checkpoint or NeMo-RL dir")
+    exp.add_argument("--out", required=True, help="directory to write")
+    exp.add_argument("--tokenizer", help="tokenizer to ship when the source has none (dir or cached hub id)")
+    exp.set_defaults(fn=_cmd_export, overrides=[])
+    ev = sub.add_parser(
+        "eval",
+        help="the card's evaluations: needle in a haystack (niah) or benchmark task lists (harness)",
+        description="niah: the card's needle-in-a-haystack test (needle, system prompt and question as on the card) "
+        "over a grid of context lengths and depths, against an export (--model) or an OpenAI-compatible endpoint; "
+        "JSON results and a heat map. harness: the card's 0-shot task lists through lm-evaluation-harness.",
+    )
+    ev.add_argument("kind", choices=["niah", "harness"])
+    ev.add_argument("--model", help="exported model directory (transformers)")
+    ev.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    ev.add_argument("--served-model", help="model name at the endpoint")
+    ev.add_argument("--tokenizer", help="niah with --endpoint: tokenizer to size haystacks")
+    ev.add_argument("--out", required=True, help="output directory")
+    ev.add_argument("--lengths", default="4096,16384,32768,65536,131072,163840", help="niah: prompt lengths, tokens")
+    ev.add_argument("--depths", default="0,10,25,50,75,90,100", help="niah: needle depths, percent")
+    ev.add_argument("--temperature", type=float, default=0.0, help="niah: 0 (greedy) to 0.2, as the card advises")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--haystack", help="niah: text file to fill the context with (default: bundled CC0 sample)")
+    ev.add_argument("--judge-endpoint", help="niah: OpenAI-compatible endpoint of an LLM judge (Prometheus-2)")
+    ev.add_argument("--judge-model", default="prometheus-eval/prometheus-8x7b-v2.0")
+    ev.add_argument("--languages", help="harness: comma list of es,ca,eu,gl,en (default all)")
+    ev.add_argument("--limit", type=int, help="harness: examples per task (smoke runs)")
+    ev.add_argument("--dry-run", action="store_true", help="harness: print the lm_eval command only")
+    ev.set_defaults(fn=_cmd_eval, overrides=[])
     comp = add(
         "compile",
         "compile a stage into a NeMo-RL v0.7 SFT config (engine=nemo_rl)",
