@@ -13,6 +13,7 @@ from alia_nemo.config_schema import ConfigError
 from alia_nemo.nemo_rl.schema import NemoRLConfigError
 from alia_nemo.sft_data import DataError
 from alia_nemo.sft_mixture import MixtureError
+from alia_nemo.text_corpus import CorpusError
 from alia_nemo.tokenizer import TokenizerError
 
 OVERRIDES_HELP = (
@@ -26,10 +27,8 @@ EXAMPLES = """examples:
   alia-nemo model-info model=alia_40b
   alia-nemo show recipe=sft-alia-tiny-1n0g-dp2
   alia-nemo compile recipe=sft-alia-40b-16n4g-megatron-tp4pp4cp4-actckpt --out sft40b.yaml
+  alia-nemo pipeline recipe=alia-tiny-instruct       # CPT -> CPT -> SFT -> export -> eval on CPU
 """
-
-# Commands later issues deliver; the names are reserved so the dispatcher stays one.
-RESERVED = {}
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -423,14 +422,6 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     return 0 if report["agree"] else 1
 
 
-def _reserved(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"alia-nemo {name}: not available in this version yet ({RESERVED[name]}).", file=sys.stderr)
-        return 2
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alia-nemo",
@@ -594,8 +585,6 @@ def build_parser() -> argparse.ArgumentParser:
         "transformers LlamaForCausalLM built on the meta device, and a megatron-core GPTModel built on the "
         "meta device. Exits 1 if they disagree.",
     )
-    for name, help_ in RESERVED.items():
-        add(name, f"(reserved) {help_}", _reserved(name))
     return parser
 
 
@@ -617,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         MixtureError,
         ConversationError,
         TokenizerError,
+        CorpusError,
         FileNotFoundError,
     ) as exc:
         print(f"alia-nemo {args.command}: error: {exc}", file=sys.stderr)
