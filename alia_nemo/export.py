@@ -46,7 +46,25 @@ def nemo_rl_checkpoint(path: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def convert_nemo_rl(weights: Path, config_yaml: Path, out: Path) -> None:
+def converter_command(weights: Path, out: Path, examples: Path) -> list[str]:
+    """NeMo-RL's converter invocation for ``step_N/policy/weights`` (Megatron if it holds iter_* dirs)."""
+    megatron = any(weights.glob("iter_*"))
+    script = examples / ("convert_megatron_to_hf.py" if megatron else "convert_dcp_to_hf.py")
+    config = weights.parents[1] / "config.yaml"  # NeMo-RL saves the run's config in each step_N/
+    weights_flag = "--megatron-ckpt-path" if megatron else "--dcp-ckpt-path"
+    return [
+        sys.executable,
+        str(script),
+        "--config",
+        str(config),
+        weights_flag,
+        str(weights),
+        "--hf-ckpt-path",
+        str(out),
+    ]
+
+
+def convert_nemo_rl(weights: Path, out: Path) -> None:
     """Run NeMo-RL's own converter (DTensor/DCP or Megatron) inside its container environment."""
     try:
         import nemo_rl
@@ -56,12 +74,9 @@ def convert_nemo_rl(weights: Path, config_yaml: Path, out: Path) -> None:
             "run `alia-nemo export` there (apptainer exec IMAGE alia-nemo export ...)"
         ) from None
     examples = Path(nemo_rl.__file__).resolve().parent.parent / "examples" / "converters"
-    megatron = (weights / "iter_0000000").exists() or any(weights.glob("iter_*"))
-    script = examples / ("convert_megatron_to_hf.py" if megatron else "convert_dcp_to_hf.py")
-    if not script.is_file():
-        raise ConfigError(f"NeMo-RL converter {script} not found in this installation")
-    args = [sys.executable, str(script), "--config", str(config_yaml), "--hf-ckpt-path", str(out)]
-    args += ["--megatron-ckpt-path" if megatron else "--dcp-ckpt-path", str(weights)]
+    args = converter_command(weights, out, examples)
+    if not Path(args[1]).is_file():
+        raise ConfigError(f"NeMo-RL converter {args[1]} not found in this installation")
     subprocess.run(args, check=True)
 
 
@@ -78,8 +93,7 @@ def export(source: Path, out: Path, tokenizer: str | None = None) -> Path:
     tmp.mkdir(parents=True)
     weights = nemo_rl_checkpoint(src) if not (src / "config.json").is_file() else None
     if weights is not None:
-        config_yaml = next(iter(sorted(weights.parents[2].glob("*.yaml"))), None) or src / "config.yaml"
-        convert_nemo_rl(weights, config_yaml, tmp)
+        convert_nemo_rl(weights, tmp)
         model_dir = tmp
     else:
         model_dir = src

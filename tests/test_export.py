@@ -63,3 +63,21 @@ def test_export_errors_name_the_problem(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="no safetensors weights"):
         export(tmp_path, tmp_path / "out")
+
+
+def test_nemo_rl_checkpoints_use_nemo_rls_converters(tmp_path):
+    import sys
+
+    from alia_nemo.export import converter_command, nemo_rl_checkpoint
+
+    for step in (5, 10):
+        (tmp_path / "ckpts" / f"step_{step}" / "policy" / "weights").mkdir(parents=True)
+    weights = nemo_rl_checkpoint(tmp_path / "ckpts")
+    assert weights == tmp_path / "ckpts" / "step_10" / "policy" / "weights"  # the newest step
+    dcp = converter_command(weights, tmp_path / "hf", tmp_path / "conv")
+    assert dcp == [sys.executable, str(tmp_path / "conv" / "convert_dcp_to_hf.py"), "--config",
+                   str(tmp_path / "ckpts" / "step_10" / "config.yaml"), "--dcp-ckpt-path", str(weights),
+                   "--hf-ckpt-path", str(tmp_path / "hf")]  # fmt: skip
+    (weights / "iter_0000010").mkdir()
+    assert "convert_megatron_to_hf.py" in converter_command(weights, tmp_path / "hf", tmp_path / "conv")[1]
+    assert "--megatron-ckpt-path" in converter_command(weights, tmp_path / "hf", tmp_path / "conv")

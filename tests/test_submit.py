@@ -18,6 +18,11 @@ from alia_nemo.config_schema import ConfigError
 from alia_nemo.submit import ARGV_VAR, job_address, runtime_env
 
 VENV_BIN = str(Path(sys.executable).parent)
+# Any HTTP answer means the job API is up (under token auth an unauthenticated call gets 401).
+JOB_API_PROBE = (
+    "import sys, urllib.error, urllib.request\n"
+    "try:\n    urllib.request.urlopen(sys.argv[1], timeout=5)\nexcept urllib.error.HTTPError:\n    pass\n"
+)
 
 
 def test_runtime_env_forwards_the_allowlist_and_never_secrets():
@@ -68,11 +73,16 @@ def ray_head(tmp_path_factory):
     def run(args, timeout=600):
         return subprocess.run([*prefix, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
+    # The job API (dashboard) comes up after the GCS, slower on a cold machine: wait for it, not `ray status`.
+    probe = [sys.executable, "-c", JOB_API_PROBE, "http://127.0.0.1:8265/api/version"]
     try:
-        for _ in range(90):
-            if run(["ray", "status", "--address=127.0.0.1:6380"], timeout=30).returncode == 0:
+        for _ in range(180):
+            if run(probe, timeout=30).returncode == 0:
                 break
+            assert head.poll() is None, "ray head exited"
             time.sleep(1)
+        else:
+            pytest.fail("Ray's job API did not come up in 180 s")
         yield run
     finally:
         os.killpg(head.pid, signal.SIGKILL)
