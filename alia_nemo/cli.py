@@ -493,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
         "0 succeeded, 1 failed, 3 stopped.",
     )
     sub_.add_argument("--address", help="job API address, http://HEAD:8265 (default: RAY_ADDRESS)")
-    sub_.add_argument("--run", default="train", choices=["train", "prepare", "compile", "show"], help="command to run")
+    sub_.add_argument(
+        "--run", default="train", choices=["train", "pipeline", "prepare", "compile", "show"], help="command to run"
+    )
     sub_.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment variable")
     sub_.add_argument("--follow", action="store_true", help="stream the job's log until it ends (implies --wait)")
     sub_.add_argument("--wait", action="store_true", help="wait for the job and exit with its status")

@@ -28,7 +28,7 @@ FORWARDED = (
 )  # fmt: skip
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|CREDENTIAL|PRIVATE|(^|_)KEY$", re.IGNORECASE)
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
-COMMANDS = ("train", "prepare", "compile", "show")
+COMMANDS = ("train", "pipeline", "prepare", "compile", "show")
 DASHBOARD_PORT = 8265
 
 
