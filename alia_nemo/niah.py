@@ -198,13 +198,16 @@ def write_results(trials: list[Trial], out: Path, meta: dict[str, Any]) -> dict[
         "trials": [asdict(t) for t in trials],
     }
     (out / "niah.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.9 * len(lengths)), max(3.0, 1.2 + 0.5 * len(depths))))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths], rotation=45)
     ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
-    ax.set_title(f"needle in a haystack: {meta.get('model', '')}")
+    for (i, j), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(f"needle in a haystack: {Path(str(meta.get('model', ''))).name}", fontsize=10)
     fig.colorbar(im, ax=ax, label="key-phrase score")
     fig.tight_layout()
     fig.savefig(out / "niah.png", dpi=100)
