@@ -92,7 +92,8 @@ def plan(mix: MixtureConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- reading
 
 
-def _read_local(files: list[str]) -> Iterator[dict]:
+def read_local_rows(files: list[str]) -> Iterator[dict]:
+    """Rows of local Parquet / JSONL files, streamed; a bad JSON line yields ``{"__invalid_json__": "file:line"}``."""
     import pyarrow.parquet as pq
 
     for file in files:
@@ -126,7 +127,7 @@ def read_rows(name: str, entry: MixtureDatasetConfig, revisions: list | None = N
     revisions = revisions if revisions is not None else []
     if origin.files:
         revisions += [{"file": str(Path(f).resolve()), "sha256": _sha256_file(f)} for f in origin.files]
-        yield from _read_local(origin.files)
+        yield from read_local_rows(origin.files)
         return
     import datasets
 

@@ -8,7 +8,6 @@ its share of the token budget. Every document left out is counted with its reaso
 from __future__ import annotations
 
 import glob
-import json
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -16,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alia_nemo.config_schema import CorpusSourceConfig, TextCorpusConfig
-
-READ_BATCH = 1024
+from alia_nemo.sft_mixture import read_local_rows
 
 
 class CorpusError(ValueError):
@@ -46,11 +44,8 @@ def expand_files(name: str, patterns: list[str]) -> list[str]:
 
 
 def _read_file(path: str) -> Iterator[dict]:
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH):
-            yield from batch.to_pylist()
+    if path.endswith((".parquet", ".jsonl", ".json")):
+        yield from read_local_rows([path])
     elif path.endswith(".arrow"):
         import pyarrow as pa
 
@@ -65,14 +60,6 @@ def _read_file(path: str) -> Iterator[dict]:
                 return
             for batch in reader:
                 yield from batch.to_pylist()
-    elif path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError:
-                        yield {"__invalid_json__": f"{Path(path).name}:{lineno}"}
     else:
         raise CorpusError(f"{path}: unsupported file type; use .jsonl, .parquet or .arrow")
 

@@ -41,22 +41,31 @@ def _load_split(directory: Path, names: list[str], task_name: str):
     return ds
 
 
-class AliaSFTDataset:
-    """A mixture prepared by ``alia-nemo prepare``, split into ``dataset`` (train) and ``val_dataset``.
+class PreparedRawDataset:
+    """NeMo-RL's RawDataset contract over a directory we prepared (``manifest.json`` + Parquet shards).
+
+    NeMo-RL builds it as ``Class(**data.train)``, then calls ``set_task_spec`` and ``set_processor``; it reads
+    ``task_name``, ``dataset``, ``val_dataset``, ``task_spec`` and ``processor``. Subclasses say what kind of
+    directory they read, how rows load, and which processor they register.
 
     Args:
-        data_path: the prepared mixture's directory (it holds ``manifest.json``).
+        data_path: the prepared directory (it holds ``manifest.json``).
         task_name: the NeMo-RL task these rows belong to.
-        use_validation: expose the mixture's held-out rows as ``val_dataset``.
-        prompt_file, system_prompt_file: must be null; conversations carry their own system turns.
+        use_validation: expose the held-out rows as ``val_dataset``.
+        prompt_file, system_prompt_file: must be null (prepared rows are final).
     Other keys NeMo-RL passes from the dataset entry (``dataset_name``, ``processor``, ...) are accepted;
     unknown keys are refused so a typo does not pass silently.
     """
 
+    KIND = "prepared directory"
+    DEFAULT_TASK = "alia"
+    PROCESSOR = ""
+    PROMPT_FILE_PROBLEM = "prompt_file/system_prompt_file do not apply here; set them to null"
+
     def __init__(
         self,
         data_path: str,
-        task_name: str = "alia_sft",
+        task_name: str | None = None,
         use_validation: bool = True,
         prompt_file: str | None = None,
         system_prompt_file: str | None = None,
@@ -65,32 +74,36 @@ class AliaSFTDataset:
         unknown = sorted(set(kwargs) - _IGNORED_KEYS)
         if unknown:
             raise TypeError(
-                f"AliaSFTDataset got unknown keys {unknown} in data.train; it takes data_path, task_name, "
+                f"{type(self).__name__} got unknown keys {unknown} in data.train; it takes data_path, task_name, "
                 "use_validation (and NeMo-RL's dataset_name/processor)"
             )
         if prompt_file or system_prompt_file:
-            raise AliaDataError(
-                "prompt_file/system_prompt_file would rewrite prepared conversations; set them to null "
-                "(system turns belong in the data)"
-            )
+            raise AliaDataError(self.PROMPT_FILE_PROBLEM)
         directory = Path(data_path).expanduser()
         manifest_path = directory / "manifest.json"
         if not manifest_path.is_file():
             raise AliaDataError(
-                f"data.train.data_path={data_path!r} is not a prepared mixture (no manifest.json); build it with "
+                f"data.train.data_path={data_path!r} is not a {self.KIND} (no manifest.json); build it with "
                 "`alia-nemo prepare <overrides>` and compile again (alia-nemo compile fills in the path)"
             )
         self.data_path = str(directory)
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        self.task_name = task_name
-        self.processor_name = kwargs.get("processor") or PROCESSOR_NAME
-        self.dataset = _load_split(directory, self.manifest["files"]["train"], task_name)
+        self.task_name = task_name or self.DEFAULT_TASK
+        self.processor_name = kwargs.get("processor") or self.PROCESSOR
+        self.dataset = self.load_split(directory, self.manifest["files"]["train"], self.task_name)
         val_files = self.manifest["files"].get("val") or []
-        self.val_dataset = _load_split(directory, val_files, task_name) if use_validation and val_files else None
+        use_val = use_validation and val_files
+        self.val_dataset = self.load_split(directory, val_files, self.task_name) if use_val else None
         self.data_config: dict[str, Any] = {}
         self.task_spec: Any = None
         self.processor: Any = None
         self.preprocessor = None
+
+    def load_split(self, directory: Path, names: list[str], task_name: str):
+        raise NotImplementedError
+
+    def processor_function(self):
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -106,10 +119,28 @@ class AliaSFTDataset:
         """Register our processor with NeMo-RL (once per process) and bind the one the entry names."""
         from nemo_rl.data.processors import PROCESSOR_REGISTRY, register_processor
 
+        if self.PROCESSOR not in PROCESSOR_REGISTRY:
+            register_processor(self.PROCESSOR, self.processor_function())
+        if self.processor_name not in PROCESSOR_REGISTRY:
+            raise AliaDataError(f"processor {self.processor_name!r} is not registered; use {self.PROCESSOR!r}")
+        self.processor = PROCESSOR_REGISTRY[self.processor_name]
+
+
+class AliaSFTDataset(PreparedRawDataset):
+    """A mixture prepared by ``alia-nemo prepare``, split into ``dataset`` (train) and ``val_dataset``."""
+
+    KIND = "prepared mixture"
+    DEFAULT_TASK = "alia_sft"
+    PROCESSOR = PROCESSOR_NAME
+    PROMPT_FILE_PROBLEM = (
+        "prompt_file/system_prompt_file would rewrite prepared conversations; set them to null "
+        "(system turns belong in the data)"
+    )
+
+    def load_split(self, directory: Path, names: list[str], task_name: str):
+        return _load_split(directory, names, task_name)
+
+    def processor_function(self):
         from alia_nemo.nemo_rl.processor import alia_sft_processor
 
-        if PROCESSOR_NAME not in PROCESSOR_REGISTRY:
-            register_processor(PROCESSOR_NAME, alia_sft_processor)
-        if self.processor_name not in PROCESSOR_REGISTRY:
-            raise AliaDataError(f"processor {self.processor_name!r} is not registered; use {PROCESSOR_NAME!r}")
-        self.processor = PROCESSOR_REGISTRY[self.processor_name]
+        return alia_sft_processor

@@ -10,11 +10,10 @@ attention spans the whole window (as in Megatron's default pretraining).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from alia_nemo.nemo_rl.dataset import _IGNORED_KEYS, AliaDataError
+from alia_nemo.nemo_rl.dataset import PreparedRawDataset
 
 TEXT_PROCESSOR_NAME = "alia_text_processor"
 
@@ -27,60 +26,19 @@ def _load_windows(directory: Path, names: list[str], task_name: str):
     return ds.add_column("task_name", [task_name] * len(ds))
 
 
-class AliaTextDataset:
+class AliaTextDataset(PreparedRawDataset):
     """A packed corpus as NeMo-RL's raw dataset: ``dataset`` (train windows) and ``val_dataset``."""
 
-    def __init__(
-        self,
-        data_path: str,
-        task_name: str = "alia_cpt",
-        use_validation: bool = True,
-        prompt_file: str | None = None,
-        system_prompt_file: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        unknown = sorted(set(kwargs) - _IGNORED_KEYS)
-        if unknown:
-            raise TypeError(f"AliaTextDataset got unknown keys {unknown} in data.train; it takes data_path, task_name")
-        if prompt_file or system_prompt_file:
-            raise AliaDataError("prompt_file/system_prompt_file do not apply to plain-text windows; set them to null")
-        directory = Path(data_path).expanduser()
-        if not (directory / "manifest.json").is_file():
-            raise AliaDataError(
-                f"data.train.data_path={data_path!r} is not a packed corpus (no manifest.json); build it with "
-                "`alia-nemo prepare <overrides>` and compile again"
-            )
-        self.manifest: dict[str, Any] = json.loads((directory / "manifest.json").read_text())
-        self.data_path = str(directory)
-        self.task_name = task_name
-        self.processor_name = kwargs.get("processor") or TEXT_PROCESSOR_NAME
-        self.dataset = _load_windows(directory, self.manifest["files"]["train"], task_name)
-        val = self.manifest["files"].get("val") or []
-        self.val_dataset = _load_windows(directory, val, task_name) if use_validation and val else None
-        self.data_config: dict[str, Any] = {}
-        self.task_spec: Any = None
-        self.processor: Any = None
-        self.preprocessor = None
+    KIND = "packed corpus"
+    DEFAULT_TASK = "alia_cpt"
+    PROCESSOR = TEXT_PROCESSOR_NAME
+    PROMPT_FILE_PROBLEM = "prompt_file/system_prompt_file do not apply to plain-text windows; set them to null"
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+    def load_split(self, directory: Path, names: list[str], task_name: str):
+        return _load_windows(directory, names, task_name)
 
-    def set_task_spec(self, data_config: dict[str, Any]) -> None:
-        """NeMo-RL's RawDataset contract: keep the entry and build the TaskDataSpec."""
-        from nemo_rl.data.interfaces import TaskDataSpec
-
-        self.data_config = dict(data_config)
-        self.task_spec = TaskDataSpec(task_name=self.task_name)
-
-    def set_processor(self) -> None:
-        """Register the text processor with NeMo-RL (once per process) and bind it."""
-        from nemo_rl.data.processors import PROCESSOR_REGISTRY, register_processor
-
-        if TEXT_PROCESSOR_NAME not in PROCESSOR_REGISTRY:
-            register_processor(TEXT_PROCESSOR_NAME, alia_text_processor)
-        if self.processor_name not in PROCESSOR_REGISTRY:
-            raise AliaDataError(f"processor {self.processor_name!r} is not registered; use {TEXT_PROCESSOR_NAME!r}")
-        self.processor = PROCESSOR_REGISTRY[self.processor_name]
+    def processor_function(self):
+        return alia_text_processor
 
 
 def alia_text_processor(
