@@ -10,6 +10,8 @@ from pathlib import Path
 
 from alia_nemo.chatml import ConversationError
 from alia_nemo.config_schema import ConfigError
+from alia_nemo.engines import TrainingError
+from alia_nemo.export import ExportError
 from alia_nemo.nemo_rl.schema import NemoRLConfigError
 from alia_nemo.sft_data import DataError
 from alia_nemo.sft_mixture import MixtureError
@@ -68,9 +70,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from alia_nemo.engines import run_stage
 
     summary = run_stage(load_config(args.overrides))
-    if "train" not in summary:  # engine=nemo_rl: NeMo-RL printed its own progress
-        print(f"[alia-nemo] done: NeMo-RL config {summary['config']}, checkpoints {summary['checkpoints']}")
-        return 0
     train = summary["train"]
     line = f"[alia-nemo] done: {train.get('global_step')} steps"
     if "first_loss" in train:
@@ -613,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         print(f"alia-nemo {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (TrainingError, ExportError) as exc:  # the run itself failed: not a usage problem
+        print(f"alia-nemo {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

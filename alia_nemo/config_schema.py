@@ -238,6 +238,9 @@ class NemoRLEngineConfig(_Section):
     )
     sequence_packing: bool = Field(False, description="pack several conversations into each micro-batch")
     cpu_offload: bool = Field(False, description="DTensor only: offload parameters to CPU")
+    dtensor_worker: Literal["v2", "v1"] = Field(
+        "v2", description="DTensor only: NeMo-RL's policy worker (v2: NeMo AutoModel, upstream's default; v1: plain)"
+    )
     ray_address: str | None = Field(None, description="existing Ray cluster; null: RAY_ADDRESS or a local one")
     val_batches: int = Field(8, ge=0, description="validation batches per evaluation (0: the whole set)")
     val_global_batch_size: int | None = Field(None, gt=0, description="null: stage.global_batch_size")

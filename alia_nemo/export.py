@@ -3,16 +3,23 @@
 Local-engine outputs (``final/`` or a ``checkpoints/checkpoint-N``) are copied: safetensors weights,
 ``config.json`` (the stage's context length and RoPE scaling, as trained), the tokenizer with our ChatML
 template written into ``tokenizer_config.json`` (and ``chat_template.jinja``), and ``generation_config.json``
-with the card's defaults. NeMo-RL checkpoints are converted first with the converters that ship in
-NeMo-RL's container (DTensor or Megatron format), then finished the same way.
+with the card's defaults. NeMo-RL checkpoints (``step_N/policy/weights``) are converted first by NeMo-RL's
+own converters (``examples/converters``: DTensor/DCP, or Megatron through Megatron-Bridge), then finished
+the same way, with the weights as safetensors in the model's dtype.
+
+NeMo-RL's converters read RoPE and context overrides from ``policy.hf_overrides``, while its training reads
+``policy.hf_config_overrides`` (what we compile); they are handed a copy of the step's ``config.yaml`` that
+carries both, so an exported CPT model keeps the RoPE it was trained with.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from alia_nemo.chatml import CHAT_TEMPLATE
@@ -20,6 +27,15 @@ from alia_nemo.config_schema import ConfigError
 from alia_nemo.hf_training import GENERATION_DEFAULTS
 
 WEIGHT_GLOBS = ("*.safetensors", "model.safetensors.index.json")
+EXPORT_INFO = "alia_export.json"  # where an export came from (source directory, checkpoint step)
+# NeMo-RL's image prebuilds one venv per worker class under NEMO_RL_VENV_DIR; only the Megatron worker's
+# has megatron-bridge, which the Megatron converter needs.
+MEGATRON_WORKER = "nemo_rl.models.policy.workers.megatron_policy_worker.MegatronPolicyWorker"
+IMAGE_VENV_DIR = "/opt/ray_venvs"
+
+
+class ExportError(RuntimeError):
+    """A conversion or export that ran and failed; names the command and what to check."""
 
 
 def resolve_source(path: Path) -> Path:
@@ -38,34 +54,61 @@ def resolve_source(path: Path) -> Path:
 
 
 def nemo_rl_checkpoint(path: Path) -> Path | None:
-    """The newest ``step_N/policy/weights`` under a NeMo-RL checkpoint directory (or the path itself)."""
+    """The newest ``step_N/policy/weights`` under a run, its ``checkpoints/``, or a ``step_N`` directory."""
     path = Path(path)
     if (path / "policy" / "weights").is_dir():
         return path / "policy" / "weights"
-    steps = sorted(path.glob("step_*/policy/weights"), key=lambda p: int(p.parent.parent.name.split("_")[1]))
-    return steps[-1] if steps else None
+    for root in (path, path / "checkpoints"):
+        steps = sorted(root.glob("step_*/policy/weights"), key=lambda p: int(p.parent.parent.name.split("_")[1]))
+        if steps:
+            return steps[-1]
+    return None
 
 
-def converter_command(weights: Path, out: Path, examples: Path) -> list[str]:
-    """NeMo-RL's converter invocation for ``step_N/policy/weights`` (Megatron if it holds iter_* dirs)."""
-    megatron = any(weights.glob("iter_*"))
-    script = examples / ("convert_megatron_to_hf.py" if megatron else "convert_dcp_to_hf.py")
-    config = weights.parents[1] / "config.yaml"  # NeMo-RL saves the run's config in each step_N/
-    weights_flag = "--megatron-ckpt-path" if megatron else "--dcp-ckpt-path"
-    return [
-        sys.executable,
-        str(script),
-        "--config",
-        str(config),
-        weights_flag,
-        str(weights),
-        "--hf-ckpt-path",
-        str(out),
-    ]
+def megatron_iteration(weights: Path) -> Path | None:
+    """The newest ``iter_*`` directory of a Megatron checkpoint (None for DCP checkpoints)."""
+    iterations = sorted(Path(weights).glob("iter_*"))
+    return iterations[-1] if iterations else None
 
 
-def convert_nemo_rl(weights: Path, out: Path) -> None:
-    """Run NeMo-RL's own converter (DTensor/DCP or Megatron) inside its container environment."""
+def converter_python(megatron: bool, environ: dict[str, str] | None = None) -> str:
+    """The Python that runs a converter: this one for DCP; the Megatron worker venv's for Megatron."""
+    if not megatron:
+        return sys.executable
+    environ = dict(os.environ if environ is None else environ)
+    python = Path(environ.get("NEMO_RL_VENV_DIR", IMAGE_VENV_DIR)) / MEGATRON_WORKER / "bin" / "python"
+    if not python.exists():
+        raise ConfigError(
+            f"converting a Megatron checkpoint needs megatron-bridge, which NeMo-RL's image has only in the "
+            f"Megatron worker venv; {python} does not exist. Run inside the NeMo-RL container, or set "
+            "NEMO_RL_VENV_DIR to the directory holding its worker venvs"
+        )
+    return str(python)
+
+
+def converter_command(weights: Path, config: Path, out: Path, examples: Path, python: str) -> list[str]:
+    """NeMo-RL's converter invocation for ``step_N/policy/weights`` (Megatron when it holds ``iter_*``)."""
+    iteration = megatron_iteration(weights)
+    if iteration is not None:
+        script, flag, source = "convert_megatron_to_hf.py", "--megatron-ckpt-path", iteration
+    else:
+        script, flag, source = "convert_dcp_to_hf.py", "--dcp-ckpt-path", weights
+    return [python, str(examples / script), "--config", str(config), flag, str(source), "--hf-ckpt-path", str(out)]
+
+
+def converter_config(step_config: Path, dest: Path) -> Path:
+    """A copy of a step's ``config.yaml`` whose ``policy.hf_overrides`` carries ``policy.hf_config_overrides``."""
+    import yaml
+
+    config = yaml.safe_load(Path(step_config).read_text())
+    policy = config["policy"]
+    overrides = {**(policy.get("hf_config_overrides") or {}), **(policy.get("hf_overrides") or {})}
+    policy["hf_overrides"] = overrides
+    dest.write_text(yaml.safe_dump(config, sort_keys=False))
+    return dest
+
+
+def _nemo_rl_examples() -> Path:
     try:
         import nemo_rl
     except ImportError:
@@ -74,53 +117,99 @@ def convert_nemo_rl(weights: Path, out: Path) -> None:
             "run `alia-nemo export` there (apptainer exec IMAGE alia-nemo export ...)"
         ) from None
     examples = Path(nemo_rl.__file__).resolve().parent.parent / "examples" / "converters"
-    args = converter_command(weights, out, examples)
-    if not Path(args[1]).is_file():
-        raise ConfigError(f"NeMo-RL converter {args[1]} not found in this installation")
-    subprocess.run(args, check=True)
+    if not examples.is_dir():
+        raise ConfigError(f"NeMo-RL's converters are not next to its package ({examples} is missing)")
+    return examples
+
+
+def convert_nemo_rl(weights: Path, out: Path) -> None:
+    """Run NeMo-RL's own converter on ``step_N/policy/weights`` into ``out`` (which must not exist yet)."""
+    examples = _nemo_rl_examples()
+    step_dir = Path(weights).parents[1]  # NeMo-RL saves the run's config in each step_N/
+    python = converter_python(megatron_iteration(weights) is not None)
+    with tempfile.TemporaryDirectory(prefix=".alia-convert-", dir=out.parent) as scratch:
+        config = converter_config(step_dir / "config.yaml", Path(scratch) / "config.yaml")
+        args = converter_command(weights, config, out, examples, python)
+        proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ExportError(
+            f"NeMo-RL's converter failed (exit {proc.returncode}): {' '.join(args)}\n{proc.stderr[-3000:]}"
+        )
+    _as_safetensors(out)
+
+
+def _as_safetensors(model_dir: Path) -> None:
+    """Replace a converter's ``pytorch_model.bin`` by safetensors shards in the dtype ``config.json`` names."""
+    binary = model_dir / "pytorch_model.bin"
+    if not binary.is_file():
+        return
+    import torch
+    from huggingface_hub import save_torch_state_dict
+
+    config = json.loads((model_dir / "config.json").read_text())
+    dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
+    state = torch.load(binary, map_location="cpu", mmap=True, weights_only=True)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    save_torch_state_dict(state, str(model_dir), max_shard_size="5GB")
+    binary.unlink()
 
 
 def export(source: Path, out: Path, tokenizer: str | None = None) -> Path:
     """Write the Hugging Face directory ``out`` from a finished stage at ``source``; return ``out``."""
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
+
+    src = resolve_source(source)
+    out = Path(out).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A staging directory of our own next to out: nothing of the user's is touched until the final rename.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model_dir = staging / "model"
+        weights = nemo_rl_checkpoint(src) if not (src / "config.json").is_file() else None
+        info: dict[str, object] = {"source": str(src)}
+        if weights is not None:
+            convert_nemo_rl(weights, model_dir)
+            info.update(source=str(weights.parents[1]), step=int(weights.parents[1].name.split("_")[1]))
+        else:
+            files = [f for pattern in WEIGHT_GLOBS for f in src.glob(pattern)]
+            if not any(f.suffix == ".safetensors" for f in files):
+                raise ConfigError(f"{src} has no safetensors weights; export needs a finished stage (final/)")
+            model_dir.mkdir()
+            for f in [*files, src / "config.json"]:
+                shutil.copy2(f, model_dir / f.name)
+        _finish(model_dir, src, weights, tokenizer)
+        GenerationConfig(**GENERATION_DEFAULTS).save_pretrained(str(model_dir))
+        (model_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        model_dir.replace(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _finish(model_dir: Path, src: Path, weights: Path | None, tokenizer: str | None) -> None:
+    """Tokenizer with our ChatML template (also in tokenizer_config.json for vLLM), eos ids in config.json."""
+    from transformers import AutoTokenizer
 
     from alia_nemo.tokenizer import load_tokenizer, with_chatml
 
-    src = resolve_source(source)
-    out = Path(out).expanduser()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = nemo_rl_checkpoint(src) if not (src / "config.json").is_file() else None
-    if weights is not None:
-        convert_nemo_rl(weights, tmp)
-        model_dir = tmp
-    else:
-        model_dir = src
-        files = [f for pattern in WEIGHT_GLOBS for f in src.glob(pattern)]
-        if not any(f.suffix == ".safetensors" for f in files):
-            raise ConfigError(f"{src} has no safetensors weights; export needs a finished stage (final/)")
-        for f in [*files, src / "config.json"]:
-            shutil.copy2(f, tmp / f.name)
-    has_tokenizer = (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file()
+    candidates = [model_dir, src] + ([weights.parent / "tokenizer"] if weights is not None else [])
+    found = next((d for d in candidates if (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()),
+                 None)  # fmt: skip
     if tokenizer:
         tok = load_tokenizer(tokenizer)
-    elif has_tokenizer:
-        tok = with_chatml(AutoTokenizer.from_pretrained(str(model_dir)))
+    elif found is not None:
+        tok = with_chatml(AutoTokenizer.from_pretrained(str(found)))
     else:
         raise ConfigError(f"{src} has no tokenizer; pass --tokenizer (a directory or cached hub id)")
     tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(str(tmp))
+    tok.save_pretrained(str(model_dir))
     # vLLM and older transformers read the template from tokenizer_config.json: put it there too.
-    cfg_path = tmp / "tokenizer_config.json"
+    cfg_path = model_dir / "tokenizer_config.json"
     tok_cfg = json.loads(cfg_path.read_text())
     tok_cfg["chat_template"] = CHAT_TEMPLATE
     cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
-    GenerationConfig(**GENERATION_DEFAULTS).save_pretrained(str(tmp))
-    config = json.loads((tmp / "config.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text())
     config["eos_token_id"] = GENERATION_DEFAULTS["eos_token_id"]
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
-    return out
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))

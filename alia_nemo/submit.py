@@ -64,7 +64,9 @@ def runtime_env(extra: list[str] | None = None, environ: dict[str, str] | None =
 
     package_root = str(Path(alia_nemo.__file__).resolve().parent.parent)
     if "site-packages" not in package_root:  # a source checkout on a shared filesystem
-        env["PYTHONPATH"] = package_root
+        # Prepended, not replacing: the cluster's own PYTHONPATH (NeMo-RL's source, say) must stay. Ray expands
+        # ${VAR} in runtime-env variables from the node's environment (to nothing when unset).
+        env["PYTHONPATH"] = f"{package_root}{os.pathsep}${{PYTHONPATH}}"
     return {"env_vars": env}
 
 

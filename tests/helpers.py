@@ -5,6 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# The one-GPU NeMo-RL recipe, and what the CPU harness runs it with: NeMo-RL's plain DTensor worker (v2 needs
+# NeMo AutoModel's CUDA venv) in float32.
+NEMO_RL_TINY = "sft-alia-tiny-1n1g-dtensor"
+NEMO_RL_HARNESS = ["engine.dtensor_worker=v1", "model.dtype=float32"]
+
 ANSWERS = [
     "Sí.",
     "Dimarts.",

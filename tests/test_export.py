@@ -66,18 +66,53 @@ def test_export_errors_name_the_problem(tmp_path):
 
 
 def test_nemo_rl_checkpoints_use_nemo_rls_converters(tmp_path):
+    """The converter command lines: DCP in this Python, Megatron in the image's Megatron worker venv on the
+    newest iter_* directory, both with a config whose policy.hf_overrides carries our RoPE overrides."""
+    import re
     import sys
 
-    from alia_nemo.export import converter_command, nemo_rl_checkpoint
+    import yaml
 
+    from alia_nemo.export import (
+        MEGATRON_WORKER,
+        converter_command,
+        converter_config,
+        converter_python,
+        nemo_rl_checkpoint,
+    )
+
+    ckpts = tmp_path / "run" / "checkpoints"
     for step in (5, 10):
-        (tmp_path / "ckpts" / f"step_{step}" / "policy" / "weights").mkdir(parents=True)
-    weights = nemo_rl_checkpoint(tmp_path / "ckpts")
-    assert weights == tmp_path / "ckpts" / "step_10" / "policy" / "weights"  # the newest step
-    dcp = converter_command(weights, tmp_path / "hf", tmp_path / "conv")
-    assert dcp == [sys.executable, str(tmp_path / "conv" / "convert_dcp_to_hf.py"), "--config",
-                   str(tmp_path / "ckpts" / "step_10" / "config.yaml"), "--dcp-ckpt-path", str(weights),
-                   "--hf-ckpt-path", str(tmp_path / "hf")]  # fmt: skip
-    (weights / "iter_0000010").mkdir()
-    assert "convert_megatron_to_hf.py" in converter_command(weights, tmp_path / "hf", tmp_path / "conv")[1]
-    assert "--megatron-ckpt-path" in converter_command(weights, tmp_path / "hf", tmp_path / "conv")
+        (ckpts / f"step_{step}" / "policy" / "weights").mkdir(parents=True)
+    weights = nemo_rl_checkpoint(ckpts)
+    assert weights == ckpts / "step_10" / "policy" / "weights"  # the newest step
+    assert nemo_rl_checkpoint(tmp_path / "run") == weights  # a run directory: its checkpoints/ is looked into
+    assert nemo_rl_checkpoint(tmp_path / "nothing") is None
+    cfg = tmp_path / "conv.yaml"
+    dcp = converter_command(weights, cfg, tmp_path / "hf", tmp_path / "conv", converter_python(False))
+    assert dcp == [sys.executable, str(tmp_path / "conv" / "convert_dcp_to_hf.py"), "--config", str(cfg),
+                   "--dcp-ckpt-path", str(weights), "--hf-ckpt-path", str(tmp_path / "hf")]  # fmt: skip
+
+    for it in ("iter_0000000", "iter_0000010"):
+        (weights / it).mkdir()
+    venvs = tmp_path / "ray_venvs"
+    with pytest.raises(ConfigError, match=r"Megatron worker venv.*NEMO_RL_VENV_DIR"):
+        converter_python(True, {"NEMO_RL_VENV_DIR": str(venvs)})
+    (venvs / MEGATRON_WORKER / "bin").mkdir(parents=True)
+    (venvs / MEGATRON_WORKER / "bin" / "python").touch()
+    python = converter_python(True, {"NEMO_RL_VENV_DIR": str(venvs)})
+    assert python == str(venvs / MEGATRON_WORKER / "bin" / "python")
+    with pytest.raises(ConfigError, match=re.escape(f"/opt/ray_venvs/{MEGATRON_WORKER}/bin/python does not exist")):
+        converter_python(True, {})  # the image's location when NEMO_RL_VENV_DIR is unset
+    mcore = converter_command(weights, cfg, tmp_path / "hf", tmp_path / "conv", python)
+    assert mcore == [python, str(tmp_path / "conv" / "convert_megatron_to_hf.py"), "--config", str(cfg),
+                     "--megatron-ckpt-path", str(weights / "iter_0000010"),
+                     "--hf-ckpt-path", str(tmp_path / "hf")]  # fmt: skip
+
+    # The converters read policy.hf_overrides; training reads policy.hf_config_overrides (what we compile).
+    rope = {"max_position_embeddings": 32768, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}
+    step_cfg = ckpts / "step_10" / "config.yaml"
+    step_cfg.write_text(yaml.safe_dump({"policy": {"model_name": "m", "hf_config_overrides": rope}}))
+    copy = yaml.safe_load(converter_config(step_cfg, tmp_path / "copy.yaml").read_text())
+    assert copy["policy"]["hf_overrides"] == rope and copy["policy"]["hf_config_overrides"] == rope
+    assert "hf_overrides" not in yaml.safe_load(step_cfg.read_text())["policy"]  # the checkpoint is untouched

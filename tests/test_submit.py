@@ -32,6 +32,8 @@ def test_runtime_env_forwards_the_allowlist_and_never_secrets():
     assert {k: env[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "ALIA_NEMO_PREPARED", "MY_FLAG")} == {
         "HF_HOME": "/gpfs/hf", "HF_HUB_OFFLINE": "1", "ALIA_NEMO_PREPARED": "/p", "MY_FLAG": "1"}  # fmt: skip
     assert not {"HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "HOME"} & set(env)
+    # A source checkout goes in front of the cluster's own PYTHONPATH (Ray expands ${PYTHONPATH} on the node).
+    assert env["PYTHONPATH"] == f"{Path(__file__).resolve().parents[1]}{os.pathsep}${{PYTHONPATH}}"
     for bad in ("HF_TOKEN=x", "WANDB_API_KEY=x", "DB_PASSWORD=x", "SSH_KEY=x"):
         with pytest.raises(ConfigError, match="looks like a secret"):
             runtime_env([bad], environ)

@@ -7,6 +7,10 @@ from typing import Any
 from alia_nemo.config_schema import AliaConfig
 
 
+class TrainingError(RuntimeError):
+    """A run that started but must not be reported as a success (e.g. its loss went non-finite)."""
+
+
 def run_stage(cfg: AliaConfig) -> dict[str, Any]:
     """Dispatch a stage to the engine its config names (after checking offline nodes have its models)."""
     from alia_nemo.model_cache import require_cached

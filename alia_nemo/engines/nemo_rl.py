@@ -1,15 +1,23 @@
 """``engine=nemo_rl``: compile the stage and run NeMo-RL's SFT entry points (setup + sft_train) on Ray.
 
-Runs where NeMo-RL is importable (its container image). Ray: the cluster at ``engine.ray_address`` or
-``RAY_ADDRESS``, else a local one (NeMo-RL's ``init_ray``). Our package reaches every Ray worker through
-``PYTHONPATH``, which NeMo-RL forwards to its workers. Rerunning with the same ``run.output_dir`` resumes
-from NeMo-RL's newest checkpoint there (its CheckpointManager finds it).
+Runs where NeMo-RL is importable (its container image, or the CPU harness in tests). Ray: the cluster at
+``engine.ray_address`` or ``RAY_ADDRESS``, else a local one (NeMo-RL's ``init_ray``). Our package reaches
+every Ray worker through ``PYTHONPATH``, which NeMo-RL forwards to its workers. Rerunning with the same
+``run.output_dir`` resumes from NeMo-RL's newest checkpoint there (its CheckpointManager finds it).
+
+Around NeMo-RL's loop the driver adds what a run of ours always has: ``metrics.jsonl`` and ``loss.png``
+(from NeMo-RL's own logged metrics), a stop at the first non-finite loss, an exact count of the conversations
+NeMo-RL trained with zero loss because they were too long (counted as the driver consumes batches, so
+dataloader worker processes do not hide them), and ``final/``: the newest checkpoint converted to a Hugging
+Face directory by NeMo-RL's own converter, which is what the next stage of a pipeline starts from.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,8 +25,11 @@ from typing import Any
 import yaml
 
 from alia_nemo.config_schema import AliaConfig, ConfigError
+from alia_nemo.engines import TrainingError
 
 CONFIG_NAME = "nemo_rl_sft.yaml"
+METRICS = "metrics.jsonl"
+MASKED = "masked_overlong.jsonl"
 
 
 def require_nemo_rl() -> None:
@@ -85,8 +96,229 @@ def write_run_config(cfg: AliaConfig, output_dir: Path) -> tuple[Path, dict[str,
     return path, compiled.config
 
 
+class MetricsRecorder:
+    """A NeMo-RL logger backend: train and validation losses to ``metrics.jsonl`` (the local engine's format).
+
+    Raises :class:`TrainingError` at the first non-finite training or validation loss, which ends ``sft_train``
+    there (NeMo-RL logs a step after saving its checkpoint).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def log_metrics(
+        self, metrics: dict[str, Any], step: int, prefix: str | None = "", step_metric: Any = None,
+        step_finished: bool = False,
+    ) -> None:  # fmt: skip
+        if prefix == "train" and "loss" in metrics:
+            row = {"step": step, "loss": float(metrics["loss"])}
+            for ours, theirs in (("grad_norm", "grad_norm"), ("learning_rate", "lr"), ("tokens", "global_valid_toks")):
+                if theirs in metrics:
+                    row[ours] = float(metrics[theirs])
+        elif prefix == "validation" and "val_loss" in metrics:
+            row = {"step": step, "eval_loss": float(metrics["val_loss"])}
+        else:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        loss = row.get("loss", row.get("eval_loss"))
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"{'training' if 'loss' in row else 'validation'} loss became {loss} at step {step}; stopped there "
+                "and wrote no final/. Checkpoints from this step on may hold non-finite weights: lower stage.lr, "
+                "check stage.adam_eps / stage.grad_clip and the data, and start a new run.output_dir"
+            )
+
+    def log_hyperparams(self, params: Any) -> None:
+        pass
+
+    def log_histogram(self, histogram: Any, step: int, name: str) -> None:
+        pass
+
+    def log_plot(self, figure: Any, step: int, name: str) -> None:
+        pass
+
+
+class MaskedRows:
+    """A NeMo-RL dataloader, seen through: records every row a consumed batch carries with zero loss weight.
+
+    Our processors give over-long conversations ``loss_multiplier`` 0; batches are read here, in the driver,
+    so rows processed in dataloader worker processes are counted too. Rows go to a JSONL file (the run's
+    record across restarts); everything else is the wrapped loader's.
+    """
+
+    def __init__(self, loader: Any, split: str, rows: Any, path: Path) -> None:
+        self._loader, self._split, self._rows, self._path = loader, split, rows, Path(path)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self._loader:
+            weights = batch["loss_multiplier"].tolist()
+            masked = [int(i) for i, w in zip(batch["idx"], weights) if w == 0]
+            if masked:
+                with self._path.open("a") as f:
+                    for i in masked:
+                        row = {"split": self._split, "idx": i, "id": str(self._rows[i].get("id", i))}
+                        f.write(json.dumps(row) + "\n")
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+def masked_report(path: Path) -> dict[str, Any]:
+    """Distinct conversations trained with zero loss, per split, from the run's record."""
+    seen: dict[str, set[str]] = {"train": set(), "validation": set()}
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                seen.setdefault(row["split"], set()).add(row["id"])
+    return {split: {"conversations": len(ids), "ids": sorted(ids)} for split, ids in seen.items()}
+
+
+def _training_info(step_dir: str | Path | None) -> dict[str, Any]:
+    if step_dir is None:
+        return {}
+    return json.loads((Path(step_dir) / "training_info.json").read_text())
+
+
+def connect_ray(master: Any, ray_address: str | None = None) -> None:
+    """NeMo-RL's ``init_ray`` on ``ray_address`` / ``RAY_ADDRESS`` (else a local cluster), GPUs checked."""
+    import ray
+    from nemo_rl.distributed.virtual_cluster import init_ray
+
+    if ray_address:
+        os.environ["RAY_ADDRESS"] = ray_address
+    # Inside a Ray job (alia-nemo submit) the job has its own runtime env; init_ray passes the whole
+    # environment as another one, and Ray refuses to merge the two unless told to (as NeMo-RL's image does).
+    os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+    init_ray()
+    need = master.cluster["num_nodes"] * master.cluster["gpus_per_node"]
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if have < need:  # NeMo-RL would retry for a minute, then fail less clearly
+        ray.shutdown()
+        raise ConfigError(
+            f"the Ray cluster has {have} GPUs and this run needs {need} (cluster.num_nodes x cluster.gpus_per_node); "
+            "point engine.ray_address or RAY_ADDRESS at a cluster that has them, or pick a smaller cluster= profile"
+        )
+
+
+def train_compiled(
+    config: dict[str, Any], output_dir: Path, ray_address: str | None = None, title: str = ""
+) -> dict[str, Any]:
+    """Run NeMo-RL's SFT loop on a compiled config; return the run's summary (also in ``summary.json``).
+
+    Connects to Ray (:func:`connect_ray`), builds tokenizer and data through NeMo-RL's loaders, calls its
+    ``setup()`` and ``sft_train()``, releases the workers and their GPUs, then writes ``final/`` from the
+    newest checkpoint. A rerun resumes from that checkpoint (NeMo-RL's CheckpointManager).
+    """
+    import ray
+    from nemo_rl.algorithms.sft import MasterConfig, setup, sft_train
+    from nemo_rl.algorithms.utils import get_tokenizer
+    from nemo_rl.utils.logger import get_next_experiment_dir
+
+    out = Path(output_dir)
+    # NeMo-RL forwards the driver's environment, PYTHONPATH included, to every worker it starts.
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    shim = str(package_path_dir(out))
+    os.environ["PYTHONPATH"] = os.pathsep.join([shim, *(p for p in paths if p != shim)])
+    master = MasterConfig(**config)
+    master.logger["log_dir"] = get_next_experiment_dir(master.logger["log_dir"])
+    connect_ray(master, ray_address)
+    tokenizer = get_tokenizer(master.policy["tokenizer"])
+    train, val = build_datasets(master, tokenizer)
+    (policy, cluster, train_loader, val_loader, loss_fn, logger, checkpointer, state, master) = setup(
+        master, tokenizer, train, val
+    )
+    resumed = checkpointer.get_latest_checkpoint_path()
+    if resumed:
+        info = _training_info(resumed)
+        print(f"[alia-nemo] resuming from {resumed}: step {info['total_steps']}, "
+              f"{info['consumed_samples']} samples consumed", flush=True)  # fmt: skip
+    logger.loggers.append(MetricsRecorder(out / METRICS))
+    train_loader = MaskedRows(train_loader, "train", train.dataset, out / MASKED)
+    if val_loader is not None:
+        val_loader = MaskedRows(val_loader, "validation", val.dataset, out / MASKED)
+    try:
+        sft_train(policy, train_loader, val_loader, tokenizer, loss_fn, master, logger, checkpointer, state)
+    finally:
+        # Free the workers and their GPU bundles: the next stage of a pipeline runs in this process.
+        policy.shutdown()
+        cluster.shutdown()
+        ray.shutdown()
+    report = {
+        "data_path": master.data["train"]["data_path"],
+        "train_rows": len(train),
+        "val_rows": len(val) if val is not None else 0,
+        "max_input_seq_length": master.data["max_input_seq_length"],
+        "masked_overlong": masked_report(out / MASKED),
+    }
+    (out / "data_report.json").write_text(json.dumps(report, indent=2))
+    for split, m in report["masked_overlong"].items():
+        if m["conversations"]:
+            print(f"[alia-nemo] {m['conversations']} {split} conversations were longer than "
+                  f"max_input_seq_length={report['max_input_seq_length']} and trained with zero loss "
+                  f"(ids in {out / 'data_report.json'})", flush=True)  # fmt: skip
+    return _summary(out, master, report, resumed, checkpointer.get_latest_checkpoint_path(), title)
+
+
+def _summary(
+    out: Path, master: Any, report: dict[str, Any], resumed: str | None, newest: str | None, title: str
+) -> dict[str, Any]:
+    """``final/`` written, the loss plotted, and the run's summary (the local engine's shape) saved."""
+    from alia_nemo.plots import plot_loss, read_metrics
+
+    start, end = _training_info(resumed), _training_info(newest)
+    rows = read_metrics(out / METRICS)
+    train = {
+        "global_step": end.get("total_steps"),
+        "consumed_samples": end.get("consumed_samples"),
+        "resumed_from": Path(resumed).name if resumed else None,
+        "start_step": start.get("total_steps", 0),
+        "start_consumed_samples": start.get("consumed_samples", 0),
+        "checkpoint": newest,
+    }
+    losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    if losses:
+        train["first_loss"], train["last_loss"] = losses[0], losses[-1]
+    if evals:
+        train["eval_loss"] = evals[-1]
+    summary = {
+        "output_dir": str(out),
+        "final_model": str(write_final(out)),
+        "loss_plot": str(plot_loss(out / METRICS, out / "loss.png", title=title)),
+        "config": str(out / CONFIG_NAME),
+        "checkpoints": master.checkpointing["checkpoint_dir"],
+        "log_dir": master.logger["log_dir"],
+        "data": report,
+        "masked_overlong": {split: m["conversations"] for split, m in report["masked_overlong"].items()},
+        "train": train,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def write_final(output_dir: Path) -> Path:
+    """``final/``: the newest checkpoint as a Hugging Face directory (kept when it already holds that step)."""
+    from alia_nemo.export import EXPORT_INFO, export, nemo_rl_checkpoint
+
+    weights = nemo_rl_checkpoint(output_dir / "checkpoints")
+    if weights is None:
+        raise TrainingError(f"NeMo-RL wrote no checkpoint under {output_dir / 'checkpoints'}; nothing to export")
+    step_dir = weights.parents[1]
+    final = output_dir / "final"
+    info = final / EXPORT_INFO
+    if info.is_file() and json.loads(info.read_text()).get("source") == str(step_dir):
+        return final
+    return export(step_dir, final)
+
+
 def run_nemo_rl(cfg: AliaConfig) -> dict[str, Any]:
-    """Compile, connect to Ray, build tokenizer and data, and train with NeMo-RL."""
+    """Compile, connect to Ray, build tokenizer and data, train with NeMo-RL, write ``final/``."""
     require_nemo_rl()
     out = Path(cfg.run.output_dir).expanduser().resolve()
     checkpoints = out / "checkpoints"
@@ -95,33 +327,6 @@ def run_nemo_rl(cfg: AliaConfig) -> dict[str, Any]:
             f"{checkpoints} holds checkpoints and run.resume=false; NeMo-RL would resume from them anyway. "
             "Pick a new run.output_dir, or set run.resume=true to continue"
         )
-    path, config = write_run_config(cfg, out)
-    address = getattr(cfg.engine, "ray_address", None)
-    if address:
-        os.environ["RAY_ADDRESS"] = address
-    shim = str(package_path_dir(out))
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (shim, os.environ.get("PYTHONPATH")) if p)
-
-    from nemo_rl.algorithms.sft import MasterConfig, setup, sft_train
-    from nemo_rl.algorithms.utils import get_tokenizer
-    from nemo_rl.distributed.virtual_cluster import init_ray
-    from nemo_rl.utils.logger import get_next_experiment_dir
-
-    master = MasterConfig(**config)
-    master.logger["log_dir"] = get_next_experiment_dir(master.logger["log_dir"])
-    init_ray()
-    tokenizer = get_tokenizer(master.policy["tokenizer"])
-    train, val = build_datasets(master, tokenizer)
-    (policy, _cluster, train_loader, val_loader, loss_fn, logger, checkpointer, state, master) = setup(
-        master, tokenizer, train, val
-    )
-    sft_train(policy, train_loader, val_loader, tokenizer, loss_fn, master, logger, checkpointer, state)
-    from alia_nemo.nemo_rl.processor import OVERLONG
-
-    return {
-        "config": str(path),
-        "checkpoints": str(checkpoints),
-        "log_dir": master.logger["log_dir"],
-        "train_rows": len(train),
-        "masked_overlong": dict(OVERLONG),
-    }
+    _, config = write_run_config(cfg, out)
+    title = f"{cfg.stage.name} / {cfg.model.arch} (NeMo-RL)"
+    return train_compiled(config, out, getattr(cfg.engine, "ray_address", None), title)

@@ -281,6 +281,11 @@ def compile_stage(
     tp, pp, cp = eng.tensor_parallel, eng.pipeline_parallel, eng.context_parallel
     if eng.backend == "dtensor" and (pp != 1 or eng.first_pipeline_stage_layers or eng.last_pipeline_stage_layers):
         raise ConfigError("engine.pipeline_parallel (and uneven stages) need engine.backend=megatron")
+    if eng.backend == "megatron" and eng.dtensor_worker != "v2":
+        raise ConfigError(
+            f"engine.dtensor_worker={eng.dtensor_worker} picks NeMo-RL's DTensor policy worker, but "
+            "engine.backend=megatron; set engine.backend=dtensor, or leave engine.dtensor_worker at v2"
+        )
     opt = _optimizers(cfg, steps, precision)
     megatron = eng.backend == "megatron"
     cpt = s.kind == "cpt"
@@ -364,7 +369,7 @@ def compile_stage(
     else:
         policy["dtensor_cfg"] = {
             "enabled": True,
-            "_v2": True,
+            "_v2": eng.dtensor_worker == "v2",
             "env_vars": {},
             "cpu_offload": eng.cpu_offload,
             "sequence_parallel": eng.sequence_parallel,

@@ -10,14 +10,10 @@ for the turn they start with. No NeMo-RL import is needed: DatumSpec is a plain 
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from alia_nemo.chatml import render_segments, tokenize_conversation
-
-# Conversations the processor had to mask out (over-long), by task; reported by the engine.
-OVERLONG: Counter = Counter()
 
 
 def segment_message_log(
@@ -92,11 +88,10 @@ def alia_sft_processor(
     loss_multiplier = 1.0
     if max_seq_length is not None and length > max_seq_length:
         # Can not happen with a mixture prepared for this length; if it does, say so instead of NeMo-RL's silence.
-        task = datum_dict.get("task_name", "?")
-        OVERLONG[task] += 1
+        # This may run in a dataloader worker process: the engine counts masked rows where batches are consumed.
         print(
             f"[alia-nemo] conversation {cid} has {length} tokens > max_input_seq_length={max_seq_length}: "
-            f"masked out (loss 0), {OVERLONG[task]} so far in {task}; prepare the mixture for this length",
+            "masked out (loss 0); prepare the mixture for this length",
             file=sys.stderr,
         )
         keep = max_seq_length

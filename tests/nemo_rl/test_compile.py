@@ -38,6 +38,19 @@ def test_tiny_recipe_compiles_with_exact_values(tiny_compiled):
     assert c["logger"]["tensorboard_enabled"] and not c["logger"]["wandb_enabled"]
 
 
+def test_dtensor_worker_selects_nemo_rls_policy_worker(tiny_compiled, tmp_path):
+    """v2 (NeMo AutoModel) by default, as upstream; v1 is the plain worker the CPU harness trains with."""
+    assert tiny_compiled[1].config["policy"]["dtensor_cfg"]["_v2"] is True
+    base = ["recipe=sft-alia-tiny-1n1g-dtensor", f"run.output_dir={tmp_path}"]
+    v1 = compile_stage(load_config([*base, "engine.dtensor_worker=v1"]), prepare=False, materialise=False)
+    assert v1.config["policy"]["dtensor_cfg"]["_v2"] is False
+    with pytest.raises(ConfigError, match=r"engine\.dtensor_worker=v1 picks NeMo-RL's DTensor policy worker"):
+        compile_stage(load_config([*base, "engine.dtensor_worker=v1", "engine.backend=megatron"]), prepare=False,
+                      materialise=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="dtensor_worker"):
+        load_config([*base, "engine.dtensor_worker=v3"])
+
+
 def test_card_sft_on_megatron(tmp_path):
     cfg = load_config([
         "recipe=sft-alia-40b-16n4g-megatron-tp4pp4cp4-actckpt", f"run.output_dir={tmp_path}",

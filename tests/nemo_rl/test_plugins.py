@@ -11,7 +11,7 @@ import torch
 from alia_nemo.chatml import tokenize_conversation
 from alia_nemo.nemo_rl import AliaSFTDataset, alia_sft_processor
 from alia_nemo.nemo_rl.dataset import AliaDataError
-from alia_nemo.nemo_rl.processor import OVERLONG, segment_message_log
+from alia_nemo.nemo_rl.processor import segment_message_log
 
 MESSAGES = [
     {"role": "system", "content": "Ets un assistent."},
@@ -90,12 +90,12 @@ def test_processor_options(tok):
     assert without_bos["length"] == len(tokenize_conversation(tok, MESSAGES).input_ids) - 1
 
 
-def test_overlong_conversation_is_masked_and_counted(tok, capsys):
-    before = OVERLONG["t"]
-    datum = alia_sft_processor({"messages": MESSAGES, "task_name": "t"}, None, tok, 10, 0)
+def test_overlong_conversation_is_masked_and_said(tok, capsys):
+    """Truncated to the limit with zero loss weight; the engine counts such rows as the driver consumes them."""
+    datum = alia_sft_processor({"messages": MESSAGES, "task_name": "t", "id": "c7"}, None, tok, 10, 0)
     assert datum["loss_multiplier"] == 0.0 and datum["length"] == 10
-    assert OVERLONG["t"] == before + 1
-    assert "masked out" in capsys.readouterr().err
+    assert sum(len(m["token_ids"]) for m in datum["message_log"]) == 10
+    assert "conversation c7 has" in capsys.readouterr().err
 
 
 def test_segment_message_log_rejects_masks_that_do_not_line_up(tok):
