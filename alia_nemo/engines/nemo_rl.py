@@ -234,10 +234,10 @@ def train_compiled(
         master, tokenizer, train, val
     )
     resumed = checkpointer.get_latest_checkpoint_path()
+    start = _training_info(resumed)  # now: keep_checkpoints may delete that checkpoint while training goes on
     if resumed:
-        info = _training_info(resumed)
-        print(f"[alia-nemo] resuming from {resumed}: step {info['total_steps']}, "
-              f"{info['consumed_samples']} samples consumed", flush=True)  # fmt: skip
+        print(f"[alia-nemo] resuming from {resumed}: step {start['total_steps']}, "
+              f"{start['consumed_samples']} samples consumed", flush=True)  # fmt: skip
     logger.loggers.append(MetricsRecorder(out / METRICS))
     train_loader = MaskedRows(train_loader, "train", train.dataset, out / MASKED)
     if val_loader is not None:
@@ -262,16 +262,18 @@ def train_compiled(
             print(f"[alia-nemo] {m['conversations']} {split} conversations were longer than "
                   f"max_input_seq_length={report['max_input_seq_length']} and trained with zero loss "
                   f"(ids in {out / 'data_report.json'})", flush=True)  # fmt: skip
-    return _summary(out, master, report, resumed, checkpointer.get_latest_checkpoint_path(), title)
+    newest = checkpointer.get_latest_checkpoint_path()
+    return _summary(out, master, report, resumed, start, newest, title)
 
 
 def _summary(
-    out: Path, master: Any, report: dict[str, Any], resumed: str | None, newest: str | None, title: str
-) -> dict[str, Any]:
+    out: Path, master: Any, report: dict[str, Any], resumed: str | None, start: dict[str, Any], newest: str | None,
+    title: str,
+) -> dict[str, Any]:  # fmt: skip
     """``final/`` written, the loss plotted, and the run's summary (the local engine's shape) saved."""
     from alia_nemo.plots import plot_loss, read_metrics
 
-    start, end = _training_info(resumed), _training_info(newest)
+    end = _training_info(newest)
     rows = read_metrics(out / METRICS)
     train = {
         "global_step": end.get("total_steps"),

@@ -17,9 +17,13 @@ if [[ ! -x $harness/setup.sh ]]; then
   exit 2
 fi
 
-# One build at a time per build folder (setup.sh starts by clearing an unfinished one).
+# One build at a time per build folder (setup.sh starts by clearing an unfinished one); its output goes to a log.
 mkdir -p "$(dirname "$build")"
-flock "$build.lock" "$harness/setup.sh" "$build" > /dev/null
+if ! flock "$build.lock" "$harness/setup.sh" "$build" > "$build.log" 2>&1; then
+  tail -n 40 "$build.log" >&2
+  echo "harness.sh: building the NeMo-RL CPU harness failed (whole log: $build.log)" >&2
+  exit 1
+fi
 # shellcheck disable=SC1091
 source "$build/env.sh"
 
