@@ -11,7 +11,11 @@ Memory per GPU (bytes), for tensor (t), pipeline (p), context (c) and data (d) p
                  (RMSNorm inputs, Q/K/V, fused-attention output, SwiGLU gate/up/activation/product);
                  x tokens per micro-batch on the GPU (b x s / c) x layers on the stage x micro-batches
                  in flight (min(p, m) on the first 1F1B stage)
-  logits + loss  b x s / c x V / t elements: bf16 logits and fp32 cross-entropy work (6 bytes)
+  logits + loss  b x s / c x V / t elements, as NeMo-RL v0.7's Megatron NLL path holds them: with
+                 defer_fp32_logits and logprob_chunk_size C (what compile emits) 8 bytes (bf16 logits kept
+                 for backward, their bf16 gradient, the packed-sequence slice gradient and its sum) plus a
+                 24 x C x V / t fp32/int64 chunk workspace; without (NeMo-RL's default) 16 bytes (fp32 logits,
+                 fp32 log-softmax, fp32 softmax kept for backward, fp32 gradient)
   allowance      FRAMEWORK_GB for CUDA context, NCCL and workspace, plus FRAGMENTATION of the rest
 Step time: training FLOPs (6 x dense params per token, +2 more with full recompute, plus causal
 attention 6 x L x h x s per token) over the GPUs' peak times an efficiency model (constants below).
@@ -29,6 +33,9 @@ from alia_nemo.architectures import AliaSpec
 Recompute = Literal["none", "selective", "full"]
 
 BF16 = 2
+# Sequence positions per chunk of NeMo-RL's chunked log-probabilities (policy.logprob_chunk_size, with
+# megatron_cfg.defer_fp32_logits): compile emits it, and the planner counts logits that way by default.
+LOGPROB_CHUNK = 1024
 FRAMEWORK_GB = 3.0  # CUDA context (~0.5 GB), NCCL buffers and cuBLAS/attention workspaces
 FRAGMENTATION = 0.10  # PyTorch caching allocator slack on long runs
 
@@ -110,8 +117,26 @@ def activation_bytes_per_token_layer(spec: AliaSpec, layout: Layout) -> float:
     return BF16 * (replicated + (attention + mlp) / layout.tp)
 
 
-def memory_breakdown(spec: AliaSpec, layout: Layout, seq_length: int, global_batch: int) -> dict[str, float]:
-    """Per-GPU memory estimate in GiB, term by term (the busiest stage)."""
+def logits_bytes(spec: AliaSpec, layout: Layout, tokens: float, chunk: int | None = LOGPROB_CHUNK) -> float:
+    """What the LM head's logits and the NLL loss hold on one GPU (see the module docstring).
+
+    Counted from NeMo-RL v0.7.0's DistributedLogprob (``chunk=None``: fp32 logits, log-softmax, softmax and
+    gradient over the whole [tokens x V/t]) and ChunkedDistributedLogprob (bf16 logits and gradient whole,
+    fp32 upcast, log-softmax, softmax, gradient and an int64 one-hot per chunk of ``chunk`` positions).
+    """
+    shard = spec.vocab_size / layout.tp
+    if chunk is None:
+        return 16 * tokens * shard
+    return 8 * tokens * shard + 24 * min(chunk, tokens) * shard
+
+
+def memory_breakdown(
+    spec: AliaSpec, layout: Layout, seq_length: int, global_batch: int, logprob_chunk: int | None = LOGPROB_CHUNK
+) -> dict[str, float]:
+    """Per-GPU memory estimate in GiB, term by term (the busiest stage).
+
+    ``logprob_chunk``: NeMo-RL's logprob chunk size with deferred fp32 logits (None: its default, fp32 logits).
+    """
     params = parameters_on_gpu(spec, layout)
     optimizer_shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
     micro_batches = global_batch // (layout.micro_batch * layout.dp)
@@ -124,7 +149,7 @@ def memory_breakdown(spec: AliaSpec, layout: Layout, seq_length: int, global_bat
         "gradients": BF16 * params / gib,
         "optimizer": 12 * params / optimizer_shards / gib,
         "activations": activation_bytes_per_token_layer(spec, layout) * tokens * layers * in_flight / gib,
-        "logits_and_loss": 6 * tokens * spec.vocab_size / layout.tp / gib,
+        "logits_and_loss": logits_bytes(spec, layout, tokens, logprob_chunk) / gib,
     }
     terms["allowance"] = FRAMEWORK_GB + FRAGMENTATION * sum(terms.values())
     terms["total"] = sum(terms.values())

@@ -228,6 +228,9 @@ def _select_dataset(
     for lang, wanted in entry.counts.items():
         pool = by_lang.get(lang, [])
         random.Random(f"{seed}:{name}:{lang}").shuffle(pool)
+        # An adapter may rank its records (flores: every sentence once before a second source for any): lower
+        # tiers are taken first, each in its shuffled order (the sort is stable).
+        pool.sort(key=lambda conv: conv.get("tier", 0))
         want_val = math.ceil(wanted * val_fraction) if val_fraction > 0 else 0
         picked, held = [], []
         used = 0

@@ -324,16 +324,24 @@ FLORES_SOURCE_PHRASES = {
 }
 
 
-def flores_source_language(sentence_id: Any, target: str, candidates: Iterable[str]) -> str:
-    """The source language for translating sentence ``sentence_id`` into ``target``: a stable hash pick.
+def flores_source_languages(sentence_id: Any, target: str, candidates: Iterable[str]) -> list[str]:
+    """Every source language for translating sentence ``sentence_id`` into ``target``, in a stable order.
 
-    Depends only on the id, the target and the set of candidates, never on row order.
+    The other candidates, sorted, rotated so that a hash of ``(sentence_id, target)`` picks the first; the
+    rest follow in that rotation. Depends only on the id, the target and the set of candidates, never on
+    row order.
     """
     ordered = sorted(set(candidates) - {target})
     if not ordered:
         raise ValueError(f"no source language for sentence {sentence_id} into {target}")
     digest = hashlib.sha256(f"{sentence_id}:{target}".encode()).hexdigest()
-    return ordered[int(digest, 16) % len(ordered)]
+    first = int(digest, 16) % len(ordered)
+    return ordered[first:] + ordered[:first]
+
+
+def flores_source_language(sentence_id: Any, target: str, candidates: Iterable[str]) -> str:
+    """The first source language of :func:`flores_source_languages`: a stable hash pick among the others."""
+    return flores_source_languages(sentence_id, target, candidates)[0]
 
 
 def adapt_flores(
@@ -347,10 +355,21 @@ def adapt_flores(
     """openlanguagedata/flores_plus (dev): rows of several language configs -> translation requests.
 
     Pairing needs every language's sentence for an id, so the rows are collected first (about 1,000
-    sentences per language: small). For each sentence id and each requested target language present,
-    the source is picked by :func:`flores_source_language` among the other languages of the six that
-    were passed; the user turn is the target language's template, the assistant turn the target sentence.
-    Only Latin-script configs of the six mixture languages are read; other configs are not wanted.
+    sentences per language: small). For each sentence id and each requested target language present, there
+    is one conversation per other language present among the six (the source; up to five): the user turn is
+    the target language's template with the source sentence, the assistant turn the target sentence. These
+    are distinct conversations (their user turns differ in source language phrase and text), so the dev set's
+    997 sentences give up to 4,985 per target, enough for the card's 1,745 Spanish ones plus the validation
+    share. Only Latin-script configs of the six mixture languages are read; other configs are not wanted.
+
+    Order (deterministic, independent of row order): in passes. Pass 0 has every (sentence, target) once,
+    with the source :func:`flores_source_language` picks (exactly what the earlier one-source-per-sentence
+    version yielded, in the same order); pass ``k`` has the ``k``-th source of :func:`flores_source_languages`
+    for the pairs that have one. A consumer that takes the first N therefore uses every sentence once before
+    any twice. Each record carries its pass as ``tier``: the mixture (:mod:`alia_nemo.sft_mixture`) shuffles
+    each language's conversations with its seed and then takes lower tiers first, so its choice stays exact
+    and seeded, covers every sentence before it repeats one (the card's 766 Catalan conversations are 766
+    sentences), and draws each sentence's extra sources at random.
     """
     sink = _Sink(source, drops)
     sentences: dict[Any, dict[str, str]] = collections.defaultdict(dict)
@@ -371,6 +390,8 @@ def adapt_flores(
             continue
         sentences[sentence_id][language] = text
 
+    # (sentence id, target) -> its sources in order; the drops are counted once per pair, not per pass.
+    pairs: list[tuple[Any, str, list[str]]] = []
     for sentence_id in sorted(sentences, key=lambda s: (str(type(s)), s)):
         available = sentences[sentence_id]
         for target in languages:
@@ -379,13 +400,19 @@ def adapt_flores(
             if len(available) < 2:
                 sink.drop(target, "no source sentence")
                 continue
-            src = flores_source_language(sentence_id, target, available)
+            pairs.append((sentence_id, target, flores_source_languages(sentence_id, target, available)))
+
+    for rank in range(max((len(sources) for _, _, sources in pairs), default=0)):
+        for sentence_id, target, sources in pairs:
+            if rank >= len(sources):
+                continue
+            available, src = sentences[sentence_id], sources[rank]
             prompt = FLORES_TEMPLATES[target].format(source=FLORES_SOURCE_PHRASES[target][src], text=available[src])
             record = sink.conversation(
                 f"{sentence_id}-{src}-{target}", target, _pair(prompt, available[target]), prefix="flores"
             )
             if record is not None:
-                yield record
+                yield {**record, "tier": rank}  # the mixture takes every sentence once before any twice
 
 
 # --------------------------------------------------------------------------------------- no_robots

@@ -22,7 +22,7 @@ def test_cpt_32k_arithmetic():
     assert s.global_batch_size == 128  # 4,194,304 / 32,768 exactly
     assert s.max_steps == 477 == math.ceil(2_000_000_000 / (128 * 32768))
     assert cpt_schedule(s, 1)["tokens"] == 477 * 128 * 32768 == 2_000_683_008
-    assert s.rope.type == "llama3" and s.rope.factor == 8.0 and s.rope.original_max_position_embeddings == 4096
+    assert s.rope.type == "llama3" and s.rope.factor == 8.0 and s.rope.original_max_position_embeddings == 8192
 
 
 @pytest.mark.parametrize(("dp", "gbs"), [(1, 26), (2, 26), (4, 24), (8, 24), (16, 32), (64, 64)])

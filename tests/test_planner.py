@@ -33,11 +33,27 @@ def test_memory_terms_by_hand_for_tiny():
     assert mem["weights"] * GIB == pytest.approx(2 * 328_256)
     assert mem["optimizer"] * GIB == pytest.approx(12 * 328_256)
     assert mem["activations"] * GIB == pytest.approx(2432 * 128 * 4)
-    assert mem["logits_and_loss"] * GIB == pytest.approx(6 * 128 * 1024)
+    # Chunked logprobs (compile's setting): 8 bytes per logit element + 24 x min(chunk, tokens) x vocab.
+    assert mem["logits_and_loss"] * GIB == pytest.approx(8 * 128 * 1024 + 24 * 128 * 1024)
     parts = sum(v for k, v in mem.items() if k not in ("allowance", "total"))
     assert mem["allowance"] == pytest.approx(3.0 + 0.1 * parts) and mem["total"] == pytest.approx(
         parts + mem["allowance"]
     )
+
+
+def test_logits_term_at_163840_tokens_by_hand():
+    """The 160k recipe's layout (TP4 CP8): 20,480 positions x 64,000 vocabulary entries on each GPU."""
+    layout = Layout(tp=4, pp=2, cp=8, dp=1, micro_batch=1, recompute="full")
+    elements = (163_840 // 8) * (256_000 // 4)
+    assert elements == 1_310_720_000
+    # defer_fp32_logits + logprob_chunk_size 1024 (compiled): bf16 logits, bf16 gradient, the packed slice's
+    # gradient and its sum (2 bytes each), and one chunk's fp32 upcast, log-softmax, softmax, gradient + int64
+    # one-hot (24 bytes) for 1,024 positions.
+    chunked = memory_breakdown(BIG, layout, 163_840, 26)["logits_and_loss"] * GIB
+    assert chunked == 8 * elements + 24 * 1024 * 64_000 == 12_058_624_000
+    # NeMo-RL's default (fp32 logits): fp32 logits, log-softmax, softmax kept for backward and gradient.
+    default = memory_breakdown(BIG, layout, 163_840, 26, logprob_chunk=None)["logits_and_loss"] * GIB
+    assert default == 16 * elements == 20_971_520_000  # 19.5 GiB, the largest single term
 
 
 def test_40b_sharding_by_hand():

@@ -10,11 +10,13 @@ import pytest
 
 from alia_nemo.chatml import validate_conversation
 from alia_nemo.config_schema import LANGUAGES
+from alia_nemo.sft_mixture import content_hash
 from alia_nemo.sft_sources import (
     ADAPTERS,
     FLORES_SOURCE_PHRASES,
     FLORES_TEMPLATES,
     flores_source_language,
+    flores_source_languages,
     normalise_language,
     towerblocks_language,
 )
@@ -184,16 +186,21 @@ def test_dolly_language_filter():
 # ----------------------------------------------------------------------------------------- flores
 
 
+def _flores_triple(record: dict) -> tuple[int, str, str]:
+    """(sentence id, source, target) of a flores record, from its id."""
+    sentence_id, src, tgt = record["id"].removeprefix("flores-").split("-")
+    return int(sentence_id), src, tgt
+
+
 def test_flores_pairs_by_id_with_target_language_templates():
     rows = list(FLORES_ROWS)
     random.Random(0).shuffle(rows)  # pairing must not depend on row order
     out, drops = run("flores", rows)
-    # id 0: six targets; id 1: three; id 2: only Catalan, nothing to translate from
-    assert len(out) == 9
+    # id 0: six targets from five sources each; id 1: three targets from two each; id 2: only Catalan
+    assert len(out) == 6 * 5 + 3 * 2
     assert drops == {("ca", "no source sentence"): 1}
     for record in out:
-        sentence_id, src, tgt = record["id"].removeprefix("flores-").split("-")
-        sentence_id = int(sentence_id)
+        sentence_id, src, tgt = _flores_triple(record)
         assert record["language"] == tgt and src != tgt
         assert src in FLORES_TEXTS[sentence_id]
         assert record["messages"] == msgs(
@@ -205,8 +212,45 @@ def test_flores_pairs_by_id_with_target_language_templates():
             ),
             ("assistant", FLORES_TEXTS[sentence_id][tgt]),
         )
-        assert src == flores_source_language(sentence_id, tgt, FLORES_TEXTS[sentence_id])
+    # the first pass is one conversation per (sentence, target) with the hash-picked source, as before
+    assert [_flores_triple(r) for r in out[:9]] == [
+        (sentence_id, flores_source_language(sentence_id, tgt, FLORES_TEXTS[sentence_id]), tgt)
+        for sentence_id in (0, 1)
+        for tgt in LANGUAGES
+        if tgt in FLORES_TEXTS[sentence_id]
+    ]
     assert run("flores", rows) == run("flores", FLORES_ROWS)
+
+
+def test_flores_every_source_once_per_sentence_and_target_in_passes():
+    rows = raw_rows("flores", 3, seed=5, languages=LANGUAGES)  # 3 sentences x 6 languages, config by config
+    out, drops = run("flores", rows)
+    triples = [_flores_triple(r) for r in out]
+    assert not drops and len(triples) == len(set(triples)) == len({r["id"] for r in out}) == 3 * 6 * 5
+    assert set(triples) == {(s, src, tgt) for s in range(3) for tgt in LANGUAGES for src in LANGUAGES if src != tgt}
+    # pass k (18 conversations: every sentence and target once) takes each pair's k-th source
+    for rank in range(5):
+        assert triples[rank * 18 : (rank + 1) * 18] == [
+            (s, flores_source_languages(s, tgt, LANGUAGES)[rank], tgt) for s in range(3) for tgt in LANGUAGES
+        ]
+    # all distinct for the mixture's duplicate filter too: the user turns differ
+    assert len({content_hash(r["messages"]) for r in out}) == len(out)
+    for seed in range(3):
+        shuffled = copy.deepcopy(rows)
+        random.Random(seed).shuffle(shuffled)
+        assert run("flores", shuffled) == (out, drops)
+    only, _ = run("flores", rows, languages=("es", "gl"))
+    assert only == [r for r in out if r["language"] in ("es", "gl")]
+
+
+def test_flores_same_target_text_from_identical_sources_is_not_a_duplicate():
+    # Sentence 0's Galician and Portuguese texts are identical: the prompts still name different sources.
+    out, _ = run("flores", FLORES_ROWS, languages=("es",))
+    from_gl_pt = [r for r in out if _flores_triple(r)[:2] in ((0, "gl"), (0, "pt"))]
+    assert len(from_gl_pt) == 2
+    assert from_gl_pt[0]["messages"][1] == from_gl_pt[1]["messages"][1]
+    assert content_hash(from_gl_pt[0]["messages"]) != content_hash(from_gl_pt[1]["messages"])
+    assert len({content_hash(r["messages"]) for r in run("flores", FLORES_ROWS)[0]}) == 36
 
 
 def test_flores_templates_are_written_in_the_target_language():
@@ -228,11 +272,20 @@ def test_flores_source_choice_is_deterministic_and_spread():
     choices = {flores_source_language(i, "ca", ["en", "es", "eu", "ca"]) for i in range(200)}
     assert choices == {"en", "es", "eu"}
     assert flores_source_language(7, "es", ["en", "ca"]) == flores_source_language(7, "es", ["ca", "en", "es"])
+    for i in range(50):
+        order = flores_source_languages(i, "gl", reversed(LANGUAGES))
+        assert order[0] == flores_source_language(i, "gl", LANGUAGES)
+        others = sorted(set(LANGUAGES) - {"gl"})  # the sorted others, rotated to start at the hash pick
+        first = others.index(order[0])
+        assert order == others[first:] + others[:first]
+    assert flores_source_languages(3, "en", ["en", "ca"]) == ["ca"]
+    with pytest.raises(ValueError, match="no source language"):
+        flores_source_languages(3, "en", ["en"])
 
 
 def test_flores_language_filter_and_drops():
     out, drops = run("flores", FLORES_ROWS, languages=("eu",))
-    assert [r["language"] for r in out] == ["eu"] and not drops
+    assert [r["language"] for r in out] == ["eu"] * 5 and not drops
     extra = [
         {**FLORES_ROWS[0], "text": "  "},  # empty text
         dict(FLORES_ROWS[0]),  # the same sentence again
@@ -406,7 +459,8 @@ def test_raw_rows_convert_to_valid_conversations(adapter):
     assert len(out) >= 100
     assert len({r["id"] for r in out}) == len(out)
     for record in out:
-        assert set(record) == {"id", "source", "language", "messages"}
+        # "tier" (optional): the adapter's ranking for the mixture's selection (flores: its source pass)
+        assert set(record) - {"tier"} == {"id", "source", "language", "messages"}
         assert record["source"] == "src" and record["language"] in LANGUAGES
         validate_conversation(record["messages"], record["id"])
     assert all(count > 0 and isinstance(reason, str) for (_, reason), count in drops.items())

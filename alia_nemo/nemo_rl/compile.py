@@ -7,6 +7,8 @@ mirror in :mod:`alia_nemo.nemo_rl.schema` before it is returned.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,67 @@ from alia_nemo.hf_training import stage_config_overrides
 from alia_nemo.nemo_rl.dataset import PROCESSOR_NAME
 from alia_nemo.nemo_rl.schema import validate_nemo_rl
 from alia_nemo.nemo_rl.text_dataset import TEXT_PROCESSOR_NAME
+from alia_nemo.planner import LOGPROB_CHUNK
 
 DATASET_CLASS = "alia_nemo.nemo_rl.AliaSFTDataset"
 TEXT_DATASET_CLASS = "alia_nemo.nemo_rl.AliaTextDataset"
 TASK_NAME = "alia_sft"
 UNPREPARED = "UNPREPARED: run `alia-nemo prepare` with the same overrides, then compile again"
+
+
+# What Megatron-Core's RotaryEmbedding applies for llama3 RoPE scaling whatever the Hugging Face config says:
+# Megatron-Bridge's Llama bridge (at NeMo-RL v0.7.0's pin) hands it only rope_theta (as rotary_base), the
+# llama3 on/off flag and the factor; RotaryEmbedding._apply_scaling keeps these three at its own defaults.
+MEGATRON_LLAMA3 = {"original_max_position_embeddings": 8192, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+def megatron_rope_mismatch(rope_parameters: dict[str, Any] | None) -> list[str]:
+    """The llama3 fields Megatron-Core would silently replace (empty when it computes what the config says)."""
+    rope = rope_parameters or {}
+    if rope.get("rope_type") != "llama3":
+        return []
+    return [f"{k}={rope.get(k)} (Megatron-Core uses {v})" for k, v in MEGATRON_LLAMA3.items() if rope.get(k) != v]
+
+
+def _start_rope(cfg: AliaConfig) -> dict[str, Any] | None:
+    """The starting model's rope_parameters, where its config.json is on this machine (a directory or cached)."""
+    name = cfg.model.pretrained
+    if not name:
+        return None
+    path = Path(name).expanduser() / "config.json"
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(name, "config.json")
+        except ValueError:  # not a hub id either: nothing on this machine to read
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    config = json.loads(path.read_text())
+    return config.get("rope_parameters") or config.get("rope_scaling")
+
+
+def check_megatron_rope(cfg: AliaConfig, hf_overrides: dict[str, Any]) -> None:
+    """Refuse llama3 RoPE settings that Megatron-Core would train with different frequencies than the config says.
+
+    The stage's own RoPE (``hf_overrides``) is checked, else the starting model's (a local directory or a
+    cached hub config), so that the exported config.json describes the model Megatron trained.
+    """
+    rope = hf_overrides.get("rope_parameters")
+    source = f"stage {cfg.stage.name}"
+    if rope is None:
+        rope, source = _start_rope(cfg), f"the starting model {cfg.model.pretrained}"
+    wrong = megatron_rope_mismatch(rope)
+    if wrong:
+        raise ConfigError(
+            f"{source} asks for llama3 RoPE with {', '.join(wrong)}. On engine.backend=megatron, Megatron-Bridge "
+            "passes Megatron-Core only the factor and Megatron-Core fixes the rest, so the model would learn other "
+            "rotary frequencies than its config.json (and vLLM) use. Set stage.rope.original_max_position_embeddings="
+            "8192 stage.rope.low_freq_factor=1 stage.rope.high_freq_factor=4 (the cpt_32k / cpt_160k defaults), use "
+            "stage.rope.type=theta, or engine.backend=dtensor"
+        )
 
 
 @dataclass
@@ -72,14 +130,56 @@ def materialise_start_model(cfg: AliaConfig, directory: Path) -> Path:
     return directory
 
 
-def _start_model(cfg: AliaConfig, out: Path, materialise: bool) -> tuple[str, str]:
+def directory_fingerprint(directory: Path) -> str:
+    """sha256 over every file's relative path, size and modification time (ns), and the bytes of small files.
+
+    Cheap for an 80 GB model directory (weights are not read), and it changes whenever a stage rewrites them.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(directory)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+        if stat.st_size < 1 << 20:  # configs, tokenizer, our export record
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def megatron_start_path(model_dir: Path, out: Path, materialise: bool) -> Path:
+    """``out/start_model-<fingerprint>``: a link to a local starting model, named for its contents.
+
+    NeMo-RL's Megatron backend converts a Hugging Face starting model once and reuses the conversion for as
+    long as ``policy.model_name`` (and ``hf_config_overrides``) stay the same, whatever the files hold by then:
+    a stage redone at the same final/ path would silently start the next one from the old weights. Through
+    this link a changed directory is a new path (converted again) and an unchanged one the same path (a resumed
+    run reuses its conversion instead of converting 40B parameters at every start, as force_reconvert would).
+    """
+    link = out / f"start_model-{directory_fingerprint(model_dir)[:16]}"
+    if materialise and not link.is_symlink():
+        out.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(model_dir.resolve(), target_is_directory=True)
+    return link
+
+
+def _is_local_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
+
+
+def _start_model(cfg: AliaConfig, out: Path, materialise: bool, megatron: bool) -> tuple[str, str, bool]:
+    """(policy.model_name, tokenizer name, force_reconvert_from_hf) for the stage's starting model."""
     if cfg.model.pretrained:
         if cfg.model.tokenizer.startswith("builtin:"):
             raise ConfigError(
                 f"model.tokenizer={cfg.model.tokenizer} can not go with pretrained weights on NeMo-RL; "
                 "set model.tokenizer to the checkpoint's tokenizer"
             )
-        return cfg.model.pretrained, cfg.model.tokenizer
+        name = cfg.model.pretrained
+        if megatron and _is_local_path(name):
+            directory = Path(name).expanduser()
+            if directory.is_dir():
+                return str(megatron_start_path(directory, out, materialise)), cfg.model.tokenizer, False
+            # Not written yet (a later stage's final/): nothing to name it by, so convert it at every start.
+            return name, cfg.model.tokenizer, True
+        return name, cfg.model.tokenizer, False
     if cfg.model.arch != "alia_tiny":
         raise ConfigError(
             f"model.pretrained is null: {cfg.model.arch} would start from random weights; set model.pretrained "
@@ -88,7 +188,7 @@ def _start_model(cfg: AliaConfig, out: Path, materialise: bool) -> tuple[str, st
     start = out / "start_model"
     if materialise:
         materialise_start_model(cfg, start)
-    return str(start), str(start)
+    return str(start), str(start), False
 
 
 def _train_rows(cfg: AliaConfig, prepare: bool, progress: bool) -> tuple[str, int, int, str]:
@@ -104,7 +204,6 @@ def _train_rows(cfg: AliaConfig, prepare: bool, progress: bool) -> tuple[str, in
         requested = sum(sum(d.counts.values()) for d in active_datasets(mix).values())
         val = sum(round(n * mix.val_fraction) for d in active_datasets(mix).values() for n in d.counts.values())
         return UNPREPARED, requested, val, "plan (mixture not prepared; counts requested by the config)"
-    import json
 
     from alia_nemo.sft_mixture import prepare_mixture
     from alia_nemo.tokenizer import load_tokenizer
@@ -125,7 +224,6 @@ def _train_windows(cfg: AliaConfig, prepare: bool, progress: bool) -> tuple[str,
     tokens = corpus_tokens(cfg)
     if not prepare:
         return UNPREPARED, -(-tokens // cfg.stage.seq_length), corpus.val_windows, "token budget (corpus not packed)"
-    import json
 
     from alia_nemo.packing import prepare_corpus
     from alia_nemo.tokenizer import load_tokenizer
@@ -211,7 +309,7 @@ def memory_estimate(cfg: AliaConfig, dp: int) -> dict[str, Any] | None:
         eng.tensor_parallel, eng.pipeline_parallel, eng.context_parallel, dp, s.micro_batch_size,
         eng.recompute_granularity if eng.activation_checkpointing else "none", sequence_parallel=eng.sequence_parallel,
     )  # fmt: skip
-    terms = memory_breakdown(spec, layout, s.seq_length, s.global_batch_size)
+    terms = memory_breakdown(spec, layout, s.seq_length, s.global_batch_size, LOGPROB_CHUNK)
     budget = cl.gpu_memory_gb * 1e9 / 1024**3
     suggestion = None
     if terms["total"] > budget and cl.gpu_peak_tflops:
@@ -265,7 +363,7 @@ def compile_stage(
     spec = get_spec(cfg.model.arch)
     s = cfg.stage
     out = Path(cfg.run.output_dir).expanduser().resolve()
-    model_name, tokenizer_name = _start_model(cfg, out, materialise)
+    model_name, tokenizer_name, reconvert = _start_model(cfg, out, materialise, eng.backend == "megatron")
     data_path, n_train, n_val, counted_from = _train_rows(cfg, prepare, progress)
     gbs = s.global_batch_size
     if n_train < gbs:
@@ -292,6 +390,8 @@ def compile_stage(
     has_val = n_val > 0
     # transformers 5.x reads rope_parameters (rope_theta lives inside it); a bare rope_theta is ignored.
     hf_overrides = stage_config_overrides(cfg)
+    if megatron:
+        check_megatron_rope(cfg, hf_overrides)
     divisible = 2 * cp * tp if cp > 1 else tp
     run_name = Path(out).name
     policy: dict[str, Any] = {
@@ -320,13 +420,14 @@ def compile_stage(
         "optimizer": None if megatron else opt["torch_optimizer"],
         "scheduler": None if megatron else opt["torch_scheduler"],
         "hf_config_overrides": hf_overrides,
+        "logprob_chunk_size": LOGPROB_CHUNK if megatron else None,
     }
     if megatron:
         policy["megatron_cfg"] = {
             "enabled": True,
             "use_linear_ce_fusion_loss": False,
             "linear_ce_fusion_chunk_size": 256,
-            "force_reconvert_from_hf": False,
+            "force_reconvert_from_hf": reconvert,  # see megatron_start_path
             "env_vars": {},
             "empty_unused_memory_level": 0,  # SFT has no generation phase to free memory for
             "activation_checkpointing": eng.activation_checkpointing,
@@ -348,7 +449,9 @@ def compile_stage(
             "moe_permute_fusion": False,
             "apply_rope_fusion": True,
             "bias_activation_fusion": True,
-            "defer_fp32_logits": False,
+            # bf16 logits, cast to fp32 one chunk of positions at a time (policy.logprob_chunk_size): NeMo-RL's
+            # default keeps the whole [tokens x vocab/TP] in fp32 several times over (see alia_nemo.planner).
+            "defer_fp32_logits": True,
             "moe_per_layer_logging": False,
             "moe_enable_deepep": False,
             "moe_token_dispatcher_type": "alltoall",

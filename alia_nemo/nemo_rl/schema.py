@@ -174,6 +174,7 @@ class Policy(_Strict):
     optimizer: TorchOptimizer | None
     scheduler: list[TorchScheduler | Milestones] | None
     hf_config_overrides: dict[str, Any]
+    logprob_chunk_size: int | None = Field(None, gt=0)
 
 
 class DatasetEntry(_Strict):
@@ -377,6 +378,8 @@ def layout_problems(cfg: NemoRLSFTConfig, spec: AliaSpec | None) -> list[str]:
     seq_parallel = p.megatron_cfg.sequence_parallel if megatron else p.dtensor_cfg.sequence_parallel
     if seq_parallel and tp == 1:
         out.append("sequence parallelism needs tensor parallel size > 1: set engine.sequence_parallel=false")
+    if p.logprob_chunk_size and not (megatron and p.megatron_cfg.defer_fp32_logits):
+        out.append("policy.logprob_chunk_size needs the Megatron backend with megatron_cfg.defer_fp32_logits=true")
     if megatron and p.optimizer is not None:
         out.append("policy.optimizer must be null with the Megatron backend (it reads megatron_cfg.optimizer)")
     if dtensor and p.optimizer is None:

@@ -87,8 +87,8 @@ def test_packed_windows_through_nemo_rl_train_every_token(tmp_path):
 
     from alia_nemo.engines.nemo_rl import build_datasets
 
-    cfg = load_config(["stage=cpt_32k_tiny", "data=cpt_sample", "engine=nemo_rl", "cluster=single_gpu",
-                       f"run.output_dir={tmp_path}"])  # fmt: skip
+    cfg = load_config(["stage=cpt_32k_tiny", "data=cpt_sample", "engine=nemo_rl", "engine.backend=dtensor",
+                       "cluster=single_gpu", f"run.output_dir={tmp_path}"])  # fmt: skip
     compiled = compile_stage(cfg, progress=False)
     master = _master(compiled.config)
     tokenizer = get_tokenizer(master.policy["tokenizer"])

@@ -14,8 +14,10 @@ from alia_nemo.nemo_rl.dataset import AliaDataError
 @pytest.fixture(scope="module")
 def cpt_compiled(tmp_path_factory, _isolated_cache):
     out = tmp_path_factory.mktemp("cpt_run")
+    # Megatron-Core applies llama3 scaling from 8192 positions whatever the config says (test_rope_megatron.py).
     cfg = load_config(["stage=cpt_160k_tiny", "data=cpt_sample", "engine=nemo_rl", "cluster=single_gpu",
-                       "engine.backend=megatron", f"run.output_dir={out}"])  # fmt: skip
+                       "engine.backend=megatron", "stage.rope.original_max_position_embeddings=8192",
+                       "stage.rope.factor=8", f"run.output_dir={out}"])  # fmt: skip
     return cfg, compile_stage(cfg, progress=False)
 
 
