@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import NEMO_RL_HARNESS as HARNESS
 from tests.helpers import NEMO_RL_TINY as TINY
@@ -223,8 +224,7 @@ def test_overlong_conversations_are_counted_exactly_with_dataloader_workers(ray_
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.split("REPORT ", 1)[1].splitlines()[0])
 
-    compiled = (out / "nemo_rl_sft.yaml").read_text()
-    data_path = compiled.split("data_path: ", 1)[1].splitlines()[0]
+    data_path = yaml.safe_load((out / "nemo_rl_sft.yaml").read_text())["data"]["train"]["data_path"]
     raw = AliaSFTDataset(data_path)
     tok = load_tokenizer(str(out / "start_model"))
     for split, rows in (("train", raw.dataset), ("validation", raw.val_dataset)):
