@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from alia_nemo.errors import AliaError
+
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ROLES = ("system", "user", "assistant")
@@ -33,7 +35,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class ConversationError(ValueError):
+class ConversationError(AliaError, ValueError):
     """A conversation that can not be rendered or trained; the message names it and the problem."""
 
     def __init__(self, conversation_id: str, problem: str):

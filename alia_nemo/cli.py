@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from alia_nemo.chatml import ConversationError
 from alia_nemo.config_schema import ConfigError
-from alia_nemo.engines import TrainingError
-from alia_nemo.export import ExportError
-from alia_nemo.nemo_rl.schema import NemoRLConfigError
-from alia_nemo.sft_data import DataError
-from alia_nemo.sft_mixture import MixtureError
-from alia_nemo.text_corpus import CorpusError
-from alia_nemo.tokenizer import TokenizerError
+from alia_nemo.errors import AliaError, describe_os_error
 
 OVERRIDES_HELP = (
     "Hydra overrides: key=value changes a key (stage.lr=2e-5), group=option picks a config group option "
@@ -441,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("overrides", nargs="*", metavar="OVERRIDE", help=OVERRIDES_HELP)
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error")
         p.set_defaults(fn=fn)
         return p
 
@@ -507,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("job_id", metavar="JOB")
     jobs.add_argument("--address", help="job API address, http://HEAD:8265 (default: RAY_ADDRESS)")
     jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    jobs.add_argument("--debug", action="store_true", help="show the traceback of an error")
     jobs.set_defaults(fn=_cmd_jobs, overrides=[])
     add(
         "fetch",
@@ -536,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--from", dest="source", required=True, help="run directory, final/, checkpoint or NeMo-RL dir")
     exp.add_argument("--out", required=True, help="directory to write")
     exp.add_argument("--tokenizer", help="tokenizer to ship when the source has none (dir or cached hub id)")
+    exp.add_argument("--debug", action="store_true", help="show the traceback of an error")
     exp.set_defaults(fn=_cmd_export, overrides=[])
     ev = sub.add_parser(
         "eval",
@@ -560,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--languages", help="harness: comma list of es,ca,eu,gl,en (default all)")
     ev.add_argument("--limit", type=int, help="harness: examples per task (smoke runs)")
     ev.add_argument("--dry-run", action="store_true", help="harness: print the lm_eval command only")
+    ev.add_argument("--debug", action="store_true", help="show the traceback of an error")
     ev.set_defaults(fn=_cmd_eval, overrides=[])
     comp = add(
         "compile",
@@ -598,24 +597,32 @@ def main(argv: list[str] | None = None) -> int:
     if flags:
         parser.error(f"unrecognized arguments: {' '.join(flags)}")
     args.overrides = list(getattr(args, "overrides", [])) + [r for r in rest if r not in flags]
+    debug = args.debug or os.environ.get("ALIA_NEMO_DEBUG") == "1"
     try:
         return args.fn(args)
-    except (
-        ConfigError,
-        NemoRLConfigError,
-        DataError,
-        MixtureError,
-        ConversationError,
-        TokenizerError,
-        CorpusError,
-        FileNotFoundError,
-    ) as exc:
-        print(f"alia-nemo {args.command}: error: {exc}", file=sys.stderr)
+    except AliaError as exc:
+        if debug:
+            traceback.print_exc()
+        kind = "failed" if exc.exit_code == 1 else "error"  # 1: the run itself failed, not a usage problem
+        print(f"alia-nemo {args.command}: {kind}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # disk full, permissions, a missing path: the environment, not a bug
+        if debug:
+            traceback.print_exc()
+        print(f"alia-nemo {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
-    except (TrainingError, ExportError) as exc:  # the run itself failed: not a usage problem
-        print(f"alia-nemo {args.command}: failed: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"alia-nemo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so in one line; --debug shows where
+        if debug:
+            traceback.print_exc()
+        print(
+            f"alia-nemo {args.command}: internal error: {type(exc).__name__}: {exc} (this is a bug in alia-nemo; "
+            "rerun with --debug for the traceback and report it)",
+            file=sys.stderr,
+        )
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,9 +11,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alia_nemo.architectures import ARCHITECTURES, RopeSettings
+from alia_nemo.errors import AliaError
 
 
-class ConfigError(ValueError):
+class ConfigError(AliaError, ValueError):
     """A configuration that can not be used; the message names each bad key and how to fix it."""
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from alia_nemo.chatml import CHAT_TEMPLATE
 from alia_nemo.config_schema import ConfigError
+from alia_nemo.errors import AliaError
 from alia_nemo.hf_training import GENERATION_DEFAULTS
 
 WEIGHT_GLOBS = ("*.safetensors", "model.safetensors.index.json")
@@ -34,7 +35,7 @@ MEGATRON_WORKER = "nemo_rl.models.policy.workers.megatron_policy_worker.Megatron
 IMAGE_VENV_DIR = "/opt/ray_venvs"
 
 
-class ExportError(RuntimeError):
+class ExportError(AliaError, RuntimeError):
     """A conversion or export that ran and failed; names the command and what to check."""
 
 

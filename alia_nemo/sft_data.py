@@ -15,9 +15,10 @@ from typing import Any
 
 from alia_nemo.chatml import ConversationError, tokenize_conversation, validate_conversation
 from alia_nemo.config_schema import AliaConfig, DataConfig, TextCorpusConfig
+from alia_nemo.errors import AliaError
 
 
-class DataError(ValueError):
+class DataError(AliaError, ValueError):
     """A data file or row that can not be used; names the file, the row and the fix."""
 
 

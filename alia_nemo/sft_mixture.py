@@ -26,6 +26,7 @@ from typing import Any
 
 from alia_nemo.chatml import CHAT_TEMPLATE, ConversationError, tokenize_conversations, validate_conversation
 from alia_nemo.config_schema import MixtureConfig, MixtureDatasetConfig
+from alia_nemo.errors import AliaError
 
 SHARD_ROWS = 20_000
 TOKENIZE_BATCH = 256
@@ -36,7 +37,7 @@ INTERNAL_FORMAT = (
 )
 
 
-class MixtureError(ValueError):
+class MixtureError(AliaError, ValueError):
     """A mixture that can not be built as configured; the message lists every problem and its fix."""
 
 

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alia_nemo.config_schema import CorpusSourceConfig, TextCorpusConfig
+from alia_nemo.errors import AliaError
 from alia_nemo.sft_mixture import read_local_rows
 
 
-class CorpusError(ValueError):
+class CorpusError(AliaError, ValueError):
     """A corpus that can not be read as configured; names the source, the file and the fix."""
 
 

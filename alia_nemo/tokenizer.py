@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from alia_nemo.chatml import CHAT_TEMPLATE, IM_END, IM_START
+from alia_nemo.errors import AliaError
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IM_START, IM_END)
 TEST_TOKENIZER = "builtin:test"
@@ -22,7 +23,7 @@ TEST_VOCAB_SIZE = 1024
 TEST_TOKENIZER_RECIPE = "spm-bpe-bytefallback-bos-v2"  # bump when the build below changes
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(AliaError, RuntimeError):
     """A tokenizer that can not be loaded or does not have ALIA's layout."""
 
 

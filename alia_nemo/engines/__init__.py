@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from alia_nemo.config_schema import AliaConfig
+from alia_nemo.errors import AliaError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(AliaError, RuntimeError):
     """A run that started but must not be reported as a success (e.g. its loss went non-finite)."""
+
+    exit_code = 1
 
 
 def run_stage(cfg: AliaConfig) -> dict[str, Any]:

@@ -13,12 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from alia_nemo.errors import AliaError
+
 PROCESSOR_NAME = "alia_sft_processor"
 # Keys NeMo-RL's dataset entries may carry that mean nothing for a prepared mixture.
 _IGNORED_KEYS = {"dataset_name", "processor", "env_name", "split", "seed", "download_dir"}
 
 
-class AliaDataError(ValueError):
+class AliaDataError(AliaError, ValueError):
     """A prepared mixture that can not be read; names the path and how to build it."""
 
 

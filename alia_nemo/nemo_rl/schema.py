@@ -12,9 +12,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from alia_nemo.architectures import AliaSpec
+from alia_nemo.errors import AliaError
 
 
-class NemoRLConfigError(ValueError):
+class NemoRLConfigError(AliaError, ValueError):
     """A compiled NeMo-RL config that would not run; the message names each key and the fix."""
 
 
