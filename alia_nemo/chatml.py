@@ -36,12 +36,75 @@ CHAT_TEMPLATE = (
 
 
 class ConversationError(AliaError, ValueError):
-    """A conversation that can not be rendered or trained; the message names it and the problem."""
+    """A conversation that can not be rendered or trained; the message names it and the problem.
 
-    def __init__(self, conversation_id: str, problem: str):
+    ``reason`` is the short, stable text a dropped row is counted under (the problem up to its first ';'
+    unless given): reports stay readable because it carries no row numbers or ids.
+    """
+
+    def __init__(self, conversation_id: str, problem: str, reason: str | None = None):
         self.conversation_id = conversation_id
         self.problem = problem
+        self.reason = reason or problem.split(";")[0]
         super().__init__(f"conversation {conversation_id!r}: {problem}")
+
+
+CONTENT_NOT_TEXT = "content_not_text"
+
+
+def content_text(content: Any) -> str | None:
+    """The text of a message's ``content``: the one content policy of every data path.
+
+    - a string is the text, as it is;
+    - a list of text parts ``[{"type": "text", "text": str}, ...]`` (the OpenAI / Hugging Face multimodal
+      shape; other keys of a part are ignored) is the parts' texts joined with newlines;
+    - ``None`` (a missing content) is the empty text, which the checks then reject as empty;
+    - anything else (a dict, a number, a boolean, a list with an image or any other part) is not text:
+      ``None`` is returned and the caller drops the row under :data:`CONTENT_NOT_TEXT`. Never str(): a
+      Python repr of a structure must not become training text.
+    """
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                return None
+            texts.append(part["text"])
+        return "\n".join(texts)
+    return None
+
+
+def checked_messages(
+    messages: Any, conversation_id: str = "<unnamed>", *, require_assistant: bool = True
+) -> list[dict[str, str]]:
+    """``messages`` as ``[{"role", "content": str}]`` (other keys left out), contents read by :func:`content_text`
+    and the conversation checked by :func:`validate_conversation`.
+
+    Raises :class:`ConversationError`: reason :data:`CONTENT_NOT_TEXT` for a content that is not text, else
+    the shape problem. Both the mixture (:mod:`alia_nemo.sft_sources`) and ``data=jsonl``
+    (:mod:`alia_nemo.sft_data`) read messages through here, so a row is kept or dropped alike on both.
+    """
+    if isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)):
+        out: list[Any] = []
+        for i, message in enumerate(messages):
+            if isinstance(message, Mapping) and "role" in message and "content" in message:
+                text = content_text(message["content"])
+                if text is None:
+                    raise ConversationError(
+                        conversation_id,
+                        f"message {i} has a {type(message['content']).__name__} content that is not text; use a "
+                        'string or a list of {"type": "text", "text": ...} parts',
+                        reason=CONTENT_NOT_TEXT,
+                    )
+                out.append({"role": message["role"], "content": text})
+            else:
+                out.append(message)  # validate_conversation names the problem
+        messages = out
+    validate_conversation(messages, conversation_id, require_assistant=require_assistant)
+    return messages
 
 
 def validate_conversation(messages: Any, conversation_id: str = "<unnamed>", *, require_assistant: bool = True) -> None:

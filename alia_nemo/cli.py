@@ -172,18 +172,19 @@ def _print_manifest(m: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"prepared {m['name']} ({m['seconds']} s)")
-    for col in ("dataset", "requested", "selected", "repeated", "shortfall", "val", "dropped", "tokens p50/p95/max"):
+    keys = ("requested", "selected", "repeated", "shortfall", "val", "val_shortfall")
+    for col in ("dataset", *keys, "dropped", "tokens p50/p95/max"):
         table.add_column(col, justify="left" if col == "dataset" else "right")
     for name, r in m["datasets"].items():
         langs = r.get("languages", {}).values()
-        tot = {k: sum(s.get(k, 0) for s in langs) for k in ("requested", "selected", "repeated", "shortfall", "val")}
+        tot = {k: sum(s.get(k, 0) for s in langs) for k in keys}
         dropped = sum(sum(s.get("dropped", {}).values()) for s in langs) + sum(r.get("adapter_drops", {}).values())
         tk = r.get("tokens", {})
         toks = f"{tk.get('p50', '-')}/{tk.get('p95', '-')}/{tk.get('max', '-')}" if tk.get("count") else "-"
         label = name + (" (excluded)" if "excluded_by_licence" in r else " (missing)" if "missing_files" in r else "")
         table.add_row(label, *[f"{tot[k]:,}" for k in tot], f"{dropped:,}", toks)
     t = m["totals"]
-    table.add_row("total", *[f"{t.get(k, 0):,}" for k in ("requested", "selected", "repeated", "shortfall", "val")],
+    table.add_row("total", *[f"{t.get(k, 0):,}" for k in keys],
                   f"{t.get('dropped', 0) + t.get('adapter_drops', 0):,}", "")  # fmt: skip
     _console().print(table)
 
@@ -341,7 +342,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from alia_nemo.export import export
 
-    out = export(Path(args.source), Path(args.out), args.tokenizer)
+    out = export(Path(args.source), Path(args.out), args.tokenizer, force=args.force)
     print(f"[alia-nemo] exported {args.source} -> {out}")
     return 0
 
@@ -358,26 +359,41 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if bool(args.model) == bool(args.endpoint):
         raise ConfigError("give exactly one of --model DIR (an export, transformers) or --endpoint URL")
+    if args.endpoint and not (args.served_model and args.tokenizer):
+        raise ConfigError("--endpoint needs --served-model and --tokenizer (to size the haystacks in tokens)")
+    if args.timeout <= 0 or args.retries < 0:
+        raise ConfigError(f"--timeout {args.timeout:g} / --retries {args.retries}: need > 0 seconds and >= 0 retries")
+    lengths, depths = niah.parse_grid(args.lengths, args.depths)
+    haystack = Path(args.haystack).read_text(encoding="utf-8") if args.haystack else niah.default_haystack()
+    name = args.model or args.served_model
+    # Everything that changes a trial's result: a rerun with other values into the same --out is refused.
+    settings = {"model": name, "tokenizer": args.tokenizer or args.model, "temperature": args.temperature,
+                "max_new_tokens": args.max_new_tokens, "lengths": lengths, "depths": depths,
+                "haystack": niah.settings_digest(haystack),
+                "judge": args.judge_model if args.judge_endpoint else None}  # fmt: skip
+    # Endpoints first (their URLs are checked), then the trials on disk, then the slow part: loading a model.
+    endpoint = (niah.OpenAIBackend(args.endpoint, args.served_model, max_tokens=args.max_new_tokens,
+                                   timeout=args.timeout, retries=args.retries) if args.endpoint else None)  # fmt: skip
+    judge = (niah.OpenAIBackend(args.judge_endpoint, args.judge_model, max_tokens=512, timeout=args.timeout,
+                                retries=args.retries) if args.judge_endpoint else None)  # fmt: skip
+    store = niah.TrialStore(Path(args.out), settings)
+    if store.trials:
+        print(f"[alia-nemo] niah: {len(store.trials)} of {len(lengths) * len(depths)} trials already done in "
+              f"{store.path}; running the rest", flush=True)  # fmt: skip
     from transformers import AutoTokenizer
 
-    if args.model:
+    if endpoint is None:
         backend = niah.TransformersBackend(args.model, max_new_tokens=args.max_new_tokens)
-        tokenizer, name = backend.tokenizer, args.model
+        tokenizer = backend.tokenizer
     else:
-        if not (args.served_model and args.tokenizer):
-            raise ConfigError("--endpoint needs --served-model and --tokenizer (to size the haystacks in tokens)")
-        backend = niah.OpenAIBackend(args.endpoint, args.served_model, max_tokens=args.max_new_tokens)
-        tokenizer, name = AutoTokenizer.from_pretrained(args.tokenizer), args.served_model
-    judge = niah.OpenAIBackend(args.judge_endpoint, args.judge_model, max_tokens=512) if args.judge_endpoint else None
-    lengths = [int(float(x)) for x in args.lengths.split(",")]
-    depths = [float(x) for x in args.depths.split(",")]
-    haystack = Path(args.haystack).read_text(encoding="utf-8") if args.haystack else niah.default_haystack()
+        backend, tokenizer = endpoint, AutoTokenizer.from_pretrained(args.tokenizer)
 
     def show(t) -> None:
         print(f"[alia-nemo] niah {t.length:>7,} tokens depth {t.depth:>5g}%: score {t.score:.2f} {t.response[:60]!r}",
               flush=True)  # fmt: skip
 
-    trials = niah.run(lambda m: backend.chat(m, args.temperature), tokenizer, haystack, lengths, depths, judge, show)
+    trials = niah.run(lambda m: backend.chat(m, args.temperature), tokenizer, haystack, lengths, depths, judge, show,
+                      store)  # fmt: skip
     files = niah.write_results(trials, Path(args.out), {"model": name, "temperature": args.temperature,
                                                          "judge": args.judge_model if judge else None})  # fmt: skip
     print(f"[alia-nemo] results {files['json']}, heat map {files['png']}")
@@ -484,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_submit,
         "Submit `alia-nemo RUN OVERRIDES...` (RUN: train by default) as a Ray job. The overrides reach the job as "
         "an argument list, never through a shell. Forwarded environment: HF caches and offline flags, ALIA_NEMO_* "
-        "data roots, and --env NAME=VALUE pairs (secret-looking names are refused). Exit status with --wait: "
+        "data roots, and --env NAME=VALUE pairs (secret-looking names or values are refused). Exit status with --wait: "
         "0 succeeded, 1 failed, 3 stopped.",
     )
     sub_.add_argument("--address", help="job API address, http://HEAD:8265 (default: RAY_ADDRESS)")
@@ -531,7 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints are converted with NeMo-RL's converters (run inside its container).",
     )
     exp.add_argument("--from", dest="source", required=True, help="run directory, final/, checkpoint or NeMo-RL dir")
-    exp.add_argument("--out", required=True, help="directory to write")
+    exp.add_argument("--out", required=True, help="directory to write: new or empty, outside the source (see --force)")
+    exp.add_argument("--force", action="store_true",
+                     help="replace a previous export at --out (a directory export wrote, with alia_export.json); "
+                     "never any other directory")  # fmt: skip
     exp.add_argument("--tokenizer", help="tokenizer to ship when the source has none (dir or cached hub id)")
     exp.add_argument("--debug", action="store_true", help="show the traceback of an error")
     exp.set_defaults(fn=_cmd_export, overrides=[])
@@ -552,6 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--depths", default="0,10,25,50,75,90,100", help="niah: needle depths, percent")
     ev.add_argument("--temperature", type=float, default=0.0, help="niah: 0 (greedy) to 0.2, as the card advises")
     ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                    help="niah with an endpoint: seconds to wait for each reply (default 600)")  # fmt: skip
+    ev.add_argument("--retries", type=int, default=3, metavar="N",
+                    help="niah with an endpoint: retries after a connection error, timeout or HTTP 5xx/429, with "
+                    "exponential backoff (default 3); finished trials are kept in OUT/trials.jsonl and a rerun "
+                    "continues from them")  # fmt: skip
     ev.add_argument("--haystack", help="niah: text file to fill the context with (default: bundled CC0 sample)")
     ev.add_argument("--judge-endpoint", help="niah: OpenAI-compatible endpoint of an LLM judge (Prometheus-2)")
     ev.add_argument("--judge-model", default="prometheus-eval/prometheus-8x7b-v2.0")

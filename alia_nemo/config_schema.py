@@ -6,9 +6,10 @@ work starts, with a message that names the dotted key.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alia_nemo.architectures import ARCHITECTURES, RopeSettings
 from alia_nemo.errors import AliaError
@@ -18,8 +19,19 @@ class ConfigError(AliaError, ValueError):
     """A configuration that can not be used; the message names each bad key and how to fix it."""
 
 
+def _plain_name(value: str) -> str:
+    # Names become directory names (caches, runs): a path here would write outside its root.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value) or ".." in value:
+        raise ValueError(f"{value!r} is not a plain name: use letters, digits, '.', '_' and '-' (no '/', no '..')")
+    return value
+
+
+PlainName = Annotated[str, AfterValidator(_plain_name)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never meaningful settings (stage.lr=inf trains a model of NaNs)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -55,13 +67,14 @@ class StageConfig(_Section):
     name: str
     kind: Literal["sft", "cpt"] = Field("sft", description="sft (chat, assistant tokens) or cpt (plain text, all)")
     seq_length: int = Field(gt=0, description="longest training sequence in tokens (CPT: the window length)")
-    lr: float = Field(gt=0)
+    lr: float = Field(gt=0, le=1)
     lr_scheduler: Literal["constant", "cosine"]
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_eps: float = Field(1e-8, gt=0)
+    # below ~1e-12 the epsilon vanishes next to fp32/bf16 second moments and AdamW divides by zero (NaN)
+    adam_eps: float = Field(1e-8, ge=1e-12, le=1e-2)
     grad_clip: float = Field(1.0, gt=0)
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(
@@ -91,7 +104,7 @@ class StageConfig(_Section):
 class DataConfig(_Section):
     """Conversations straight from messages-JSONL files, tokenised at train time (the quick path)."""
 
-    name: str
+    name: PlainName
     format: Literal["messages_jsonl"] = "messages_jsonl"
     files: list[str] = Field(min_length=1, description="JSONL files with {'messages': [...]} rows")
     val_fraction: float = Field(0.0, ge=0, lt=1, description="share of conversations held out for validation")
@@ -131,6 +144,17 @@ class MixtureDatasetConfig(_Section):
     counts: dict[Language, int] = Field(description="conversations per language, from the model card")
     options: dict[str, Any] = Field(default_factory=dict, description="adapter options")
 
+    @field_validator("adapter")
+    @classmethod
+    def _known_adapter(cls, v: str) -> str:
+        from alia_nemo.sft_sources import ADAPTERS, PROMPT_ADAPTERS
+
+        usable = sorted(set(ADAPTERS) - PROMPT_ADAPTERS)
+        if v not in usable:
+            why = "yields prompts, not conversations" if v in PROMPT_ADAPTERS else "is not an adapter"
+            raise ValueError(f"{v!r} {why}; a mixture dataset takes one of {usable}")
+        return v
+
     @field_validator("counts")
     @classmethod
     def _positive(cls, v: dict[str, int]) -> dict[str, int]:
@@ -142,7 +166,7 @@ class MixtureDatasetConfig(_Section):
 class MixtureConfig(_Section):
     """A weighted mixture: exact counts per dataset and language, prepared once by ``alia-nemo prepare``."""
 
-    name: str
+    name: PlainName
     format: Literal["mixture"]
     internal_dir: str = Field(description="directory of the internal (non-public) sets")
     prepared_root: str = Field(description="where prepared mixtures are cached, one directory per input hash")
@@ -181,7 +205,7 @@ class CorpusSourceConfig(_Section):
 class TextCorpusConfig(_Section):
     """A token-packed plain-text corpus for continued pretraining: windows of exactly stage.seq_length."""
 
-    name: str
+    name: PlainName
     format: Literal["text_corpus"]
     prepared_root: str = Field(description="where packed corpora are cached, one directory per input hash")
     sources: dict[str, CorpusSourceConfig] = Field(min_length=1)
@@ -272,14 +296,24 @@ class ClusterConfig(_Section):
 
 
 class RunConfig(_Section):
-    output_dir: str
+    output_dir: str = Field(description="the run's own directory (created; locked while training)")
     seed: int = 42
     save_every: int = Field(50, gt=0, description="checkpoint every N optimizer steps (and always at the end)")
     keep_checkpoints: int | None = Field(3, gt=0, description="newest checkpoints kept (null: all)")
     log_every: int = Field(1, gt=0, description="metrics (JSONL, TensorBoard) every N optimizer steps")
     print_every: int = Field(20, gt=0, description="a progress line on the console every N optimizer steps")
     eval_every: int | None = Field(None, gt=0, description="validation every N steps (and at the end)")
-    resume: bool = Field(True, description="continue from the newest checkpoint in output_dir")
+    resume: bool | Literal["force"] = Field(
+        True,
+        description="continue from the newest checkpoint in output_dir (force: even under a changed configuration)",
+    )
+
+    @field_validator("output_dir")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():  # an empty path is the current directory: the run would litter it
+            raise ValueError("run.output_dir is empty; give the run a directory of its own (run.output_dir=outputs/x)")
+        return v
 
 
 class AliaConfig(_Section):

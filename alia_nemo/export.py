@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from alia_nemo import checkpoints
 from alia_nemo.chatml import CHAT_TEMPLATE
 from alia_nemo.config_schema import ConfigError
 from alia_nemo.errors import AliaError
@@ -42,6 +43,8 @@ class ExportError(AliaError, RuntimeError):
 def resolve_source(path: Path) -> Path:
     """The directory holding the weights: a run dir's ``final/``, or the path itself."""
     path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"--from {path} does not exist; pass a run directory, its final/, or a checkpoint")
     if (path / "final" / "config.json").is_file():
         return path / "final"
     if (path / "config.json").is_file():
@@ -155,38 +158,162 @@ def _as_safetensors(model_dir: Path) -> None:
     binary.unlink()
 
 
-def export(source: Path, out: Path, tokenizer: str | None = None) -> Path:
-    """Write the Hugging Face directory ``out`` from a finished stage at ``source``; return ``out``."""
+def export(source: Path, out: Path, tokenizer: str | None = None, *, force: bool = False) -> Path:
+    """Write the Hugging Face directory ``out`` from a finished stage at ``source``; return ``out``.
+
+    Nothing the user made is ever deleted or written through: ``out`` may not be (or be inside, or contain) the
+    source, nor a symbolic link; an existing non-empty ``out`` is refused unless ``force``, and even then it is
+    replaced only when it is a previous export (it holds ``alia_export.json`` and nothing export did not write).
+    The source's weights are checked for truncation and corruption first, the result before it is put in place.
+    The export is built in a fresh hidden directory next to ``out`` (``.<name>.export-*``) and renamed into place
+    at the end; on any failure ``out`` is as it was.
+    """
     from transformers import GenerationConfig
 
     src = resolve_source(source)
-    out = Path(out).expanduser().resolve()
+    weights = nemo_rl_checkpoint(src) if not (src / "config.json").is_file() else None
+    sources = [Path(source), src, *([weights.parents[1]] if weights is not None else [])]
+    out = check_out(out, sources, force)
+    if tokenizer:  # before a conversion that can take hours, not after it
+        from alia_nemo.model_cache import local_path_problem
+        from alia_nemo.tokenizer import TokenizerError
+
+        problem = local_path_problem("--tokenizer", tokenizer, "tokenizer")
+        if problem:
+            raise TokenizerError(problem)
+    files = [f for pattern in WEIGHT_GLOBS for f in src.glob(pattern)] if weights is None else []
+    if weights is None and not files:
+        raise ConfigError(f"{src} has no safetensors weights; export needs a finished stage (final/)")
+    problem = source_problem(src, weights)
+    if problem:
+        raise ExportError(
+            f"the checkpoint at {src} is incomplete or corrupt: {problem}. A job killed while saving leaves this; "
+            f"export an earlier checkpoint instead{_earlier_checkpoints(src, weights)}"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
-    # A staging directory of our own next to out: nothing of the user's is touched until the final rename.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # Our own fresh staging directory (never a fixed name a user directory could have): the only thing removed.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
-        model_dir = staging / "model"
-        weights = nemo_rl_checkpoint(src) if not (src / "config.json").is_file() else None
+        model_dir = staging / "model"  # created with the umask's permissions, unlike mkdtemp's 0700
         info: dict[str, object] = {"source": str(src)}
         if weights is not None:
             convert_nemo_rl(weights, model_dir)
             info.update(source=str(weights.parents[1]), step=int(weights.parents[1].name.split("_")[1]))
         else:
-            files = [f for pattern in WEIGHT_GLOBS for f in src.glob(pattern)]
-            if not any(f.suffix == ".safetensors" for f in files):
-                raise ConfigError(f"{src} has no safetensors weights; export needs a finished stage (final/)")
             model_dir.mkdir()
             for f in [*files, src / "config.json"]:
                 shutil.copy2(f, model_dir / f.name)
         _finish(model_dir, src, weights, tokenizer)
         GenerationConfig(**GENERATION_DEFAULTS).save_pretrained(str(model_dir))
+        # What export wrote: --force later replaces this directory only while it holds nothing else.
+        info["files"] = sorted({p.name for p in model_dir.iterdir()} | {EXPORT_INFO})
         (model_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        model_dir.replace(out)
+        problem = checkpoints.weights_problem(model_dir)
+        if problem:
+            raise ExportError(f"the exported model failed its integrity check ({problem}); {out} was left as it was")
+        _put_in_place(model_dir, check_out(out, sources, force))  # checked again: a conversion can take hours
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def check_out(out: Path, sources: list[Path], force: bool = False) -> Path:
+    """The absolute ``--out`` path, once it is safe to (re)place; ExportError naming the reason otherwise."""
+    given = Path(out).expanduser()
+    out = Path(os.path.abspath(given))  # normalised without following a link at out itself
+    if out.is_symlink():
+        raise ExportError(
+            f"--out {given} is a symbolic link (to {os.readlink(out)}); export never writes through one. "
+            "Give the real directory path, or a new one"
+        )
+    real = out.parent.resolve() / out.name  # where it really is, whatever links lead to its parent
+    for source in sources:
+        source = Path(source).expanduser().resolve()
+        relation = ("is" if real == source else "is inside" if real.is_relative_to(source)
+                    else "contains" if source.is_relative_to(real) else None)  # fmt: skip
+        if relation:
+            raise ExportError(
+                f"--out {given} {relation} the source {source}; exporting there would overwrite or delete what "
+                "the export reads. Choose an --out outside the run directory"
+            )
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise ExportError(f"--out {given} exists and is not a directory; choose another --out")
+    if not any(out.iterdir()):
+        return out
+    if not force:
+        raise ExportError(
+            f"--out {given} exists and is not empty; choose a new directory, or pass --force to replace a previous "
+            f"export there (a directory export wrote, with {EXPORT_INFO})"
+        )
+    marker = out / EXPORT_INFO
+    if not marker.is_file():
+        raise ExportError(
+            f"--out {given} is not a previous export (it has no {EXPORT_INFO}); --force replaces only export's own "
+            "output, never other directories. Choose another --out, or move that directory away yourself"
+        )
+    try:
+        written = json.loads(marker.read_text()).get("files")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ExportError(f"{marker} is unreadable ({exc}); not replacing {given}. Choose another --out") from None
+    foreign = sorted(p.name for p in out.iterdir() if isinstance(written, list) and p.name not in written)
+    if foreign:
+        raise ExportError(
+            f"--out {given} is a previous export that now also holds files export did not write "
+            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); --force would delete them. Move them "
+            "away, or choose another --out"
+        )
+    return out
+
+
+def source_problem(src: Path, weights: Path | None) -> str | None:
+    """Why the source's weights are incomplete or corrupt (one line naming the file), or None.
+
+    ``weights`` is the NeMo-RL ``step_N/policy/weights`` being exported, or None for a Hugging Face directory.
+    """
+    if weights is None:
+        return checkpoints.weights_problem(src)
+    iteration = megatron_iteration(weights)
+    if iteration is not None:  # Megatron's torch_dist format is DCP plus common.pt
+        if (iteration / ".metadata").is_file():
+            return checkpoints.dcp_problem(iteration)
+        common = iteration / "common.pt"
+        return checkpoints.torch_file_problem(common) if common.is_file() else None
+    return checkpoints.dcp_problem(weights)
+
+
+def _earlier_checkpoints(src: Path, weights: Path | None) -> str:
+    """``: --from A, --from B`` for up to three other checkpoints of the same run, newest first ("" if none)."""
+    if weights is not None:
+        step = weights.parents[1]
+        found = [p.parents[1] for p in step.parent.glob("step_*/policy/weights") if p.parents[1] != step]
+    else:
+        found = [p for base in (src.parent / "checkpoints", src.parent) for p in base.glob("checkpoint-*")
+                 if p.is_dir() and p.resolve() != src.resolve()]  # fmt: skip
+
+    def number(p: Path) -> int:
+        digits = p.name.rpartition("_" if weights is not None else "-")[2]
+        return int(digits) if digits.isdigit() else -1
+
+    found = sorted(set(found), key=number, reverse=True)[:3]
+    return (": " + ", ".join(f"--from {p}" for p in found)) if found else " (or rerun the stage)"
+
+
+def _put_in_place(model_dir: Path, out: Path) -> None:
+    """Rename ``model_dir`` to ``out``; a previous export there (checked by :func:`check_out`) is swapped out first
+    and deleted only once the new one is in place (restored if that fails)."""
+    if not out.exists() or not any(out.iterdir()):
+        os.replace(model_dir, out)  # rename(2) replaces an empty directory atomically
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+    os.replace(out, old)
+    try:
+        os.replace(model_dir, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _finish(model_dir: Path, src: Path, weights: Path | None, tokenizer: str | None) -> None:
@@ -199,7 +326,7 @@ def _finish(model_dir: Path, src: Path, weights: Path | None, tokenizer: str | N
     found = next((d for d in candidates if (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()),
                  None)  # fmt: skip
     if tokenizer:
-        tok = load_tokenizer(tokenizer)
+        tok = load_tokenizer(tokenizer, key="--tokenizer")
     elif found is not None:
         tok = with_chatml(AutoTokenizer.from_pretrained(str(found)))
     else:

@@ -6,6 +6,7 @@ Kept apart from Ray so the benchmark can run the very same loop in plain transfo
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -25,8 +26,27 @@ GENERATION_DEFAULTS = {
 }
 
 
-def newest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The highest ``checkpoint-N`` holding every file a resume needs (a killed save leaves a partial one)."""
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why ``ckpt`` can not be resumed from (None when every file it needs is there and sound)."""
+    from alia_nemo.checkpoints import torch_file_problem, weights_problem
+
+    missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return f"{ckpt / 'trainer_state.json'} is not readable JSON"
+    problems = [weights_problem(ckpt)] + [torch_file_problem(ckpt / f) for f in ("optimizer.pt", "scheduler.pt")]
+    return next((p for p in problems if p), None)
+
+
+def newest_complete_checkpoint(checkpoint_dir: Path, move_aside: bool = False) -> Path | None:
+    """The highest ``checkpoint-N`` whose files are all present and sound (a killed or torn save leaves a bad one).
+
+    With ``move_aside`` (one process of a run), bad ones newer than it move to ``incomplete-checkpoints/`` next
+    to ``checkpoint_dir``: kept for inspection, out of the way of the Trainer's rotation, never deleted.
+    """
     if not checkpoint_dir.is_dir():
         return None
     candidates = sorted(
@@ -35,10 +55,20 @@ def newest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
         reverse=True,
     )
     for ckpt in candidates:
-        if all((ckpt / f).is_file() for f in CHECKPOINT_FILES):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
             return ckpt
-        print(f"[alia-nemo] skipping incomplete checkpoint {ckpt} (missing files)")
+        print(f"[alia-nemo] skipping checkpoint {ckpt}: {problem}", flush=True)
+        if move_aside and ckpt.is_dir():
+            aside = checkpoint_dir.parent / "incomplete-checkpoints" / f"{ckpt.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+            aside.parent.mkdir(exist_ok=True)
+            ckpt.rename(aside)
+            print(f"[alia-nemo] moved it to {aside}", flush=True)
     return None
+
+
+# Logged values that end a run when they stop being finite, with the words its error uses.
+NONFINITE_WATCHED = (("loss", "training loss"), ("eval_loss", "validation loss"), ("grad_norm", "gradient norm"))
 
 
 class SFTCollator:
@@ -124,6 +154,7 @@ def training_arguments(cfg: AliaConfig, output_dir: Path, use_cpu: bool, report_
         save_total_limit=cfg.run.keep_checkpoints,
         logging_steps=cfg.run.log_every,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # the default logs a NaN loss as a made-up finite one: the run must stop
         report_to=report_to,
         eval_strategy="steps" if has_val and eval_every else "no",
         eval_steps=eval_every,
@@ -158,9 +189,21 @@ def metrics_callback(path: Path, print_every: int):
                 append({"event": "train_begin", "step": state.global_step, "time": time.time()})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not (state.is_world_process_zero and logs):
+            if not logs:
                 return
-            append({"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs})
+            if state.is_world_process_zero:
+                append({"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs})
+            # Every worker sees the same (all-reduced) logs, so all stop here together; the Trainer logs a step
+            # before it saves its checkpoint, so no checkpoint of this step and no final/ are written.
+            for key, which in NONFINITE_WATCHED:
+                value = logs.get(key)
+                if isinstance(value, (int, float)) and not math.isfinite(value):
+                    from alia_nemo.engines import nonfinite_error
+
+                    raise nonfinite_error(path.parent if state.is_world_process_zero else None, which,
+                                          value, state.global_step)  # fmt: skip
+            if not state.is_world_process_zero:
+                return
             step = state.global_step
             if "loss" in logs and (step % print_every == 0 or step in (1, state.max_steps)):
                 print(
@@ -208,7 +251,8 @@ def train_sft(
         callbacks=[metrics_callback(output_dir / "metrics.jsonl", cfg.run.print_every)],
     )
     trainer.remove_callback(PrinterCallback)  # one dict per step drowns the console (and Ray's log stream)
-    resume = newest_complete_checkpoint(output_dir / "checkpoints") if cfg.run.resume else None
+    first = int(os.environ.get("RANK", "0")) == 0
+    resume = newest_complete_checkpoint(output_dir / "checkpoints", move_aside=first) if cfg.run.resume else None
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics = dict(result.metrics)
     if val_rows:  # the final validation loss, whatever the cadence during training

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -134,7 +135,8 @@ class DirLock:
         if moved.get("token") != info.get("token"):
             os.rename(aside, self.path)  # someone else's fresh lock: give it back
             return
-        print(f"[alia-nemo] took over the stale lock {self.path} of PID {info.get('pid')} on {info.get('host')}")
+        print(f"[alia-nemo] took over the stale lock {self.path} of PID {info.get('pid')} on {info.get('host')}",
+              file=sys.stderr)  # fmt: skip
         aside.unlink(missing_ok=True)
 
     def _beat(self) -> None:

@@ -5,22 +5,42 @@ tokenizer, up to 163,840); the model gets the card's system prompt and, after th
 question, and answers greedily (temperature 0, no repetition penalty). Backends: transformers on a local
 directory, or any OpenAI-compatible chat endpoint (vLLM serving an export). Scoring: a deterministic
 key-phrase scorer, optionally plus an LLM judge with the card's Prometheus-2 prompt.
+
+Nothing finished is lost: with a :class:`TrialStore` each trial is appended to ``trials.jsonl`` as it
+finishes, and a rerun with the same setup skips those (a different setup is refused, never mixed in).
+Endpoint requests time out, are retried with exponential backoff on connection errors, timeouts and HTTP
+5xx/429, and every failure or unusable reply becomes an :class:`EndpointError` naming the endpoint, the
+trial and what was wrong.
 """
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
+import os
 import re
+import sys
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from alia_nemo.config_schema import ConfigError
+from alia_nemo.errors import AliaError
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 SYSTEM_PROMPT = "You are a helpful AI bot that answers questions for a user. Keep your response short and direct"
 QUESTION = "What is the best thing to do in San Francisco?"
 KEY_PHRASES = ("sandwich", "dolores park", "sunny day")
+TRIALS = "trials.jsonl"
+TIMEOUT_S = 600.0
+RETRIES = 3
+BACKOFF_S = 1.0  # the first retry's wait, doubled at each further one (tests shorten it)
+MAX_BACKOFF_S = 60.0
 # The judge prompt of the card (the one Prometheus-2 was fine-tuned with), with a retrieval criterion.
 JUDGE_PROMPT = (
     "You are a fair judge assistant tasked with providing clear, objective feedback based on specific criteria, "
@@ -109,23 +129,140 @@ class TransformersBackend:
         return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+class EndpointError(AliaError):
+    """An OpenAI-compatible endpoint failed or answered something unusable.
+
+    Names the endpoint and what was wrong; :func:`run` adds the trial and where finished trials are kept.
+    """
+
+    def __init__(self, endpoint: str, what: str):
+        super().__init__(endpoint, what)
+        self.endpoint, self.what = endpoint, what
+        self.trial: str | None = None
+        self.kept: str | None = None
+
+    def __str__(self) -> str:
+        where = f" (trial {self.trial})" if self.trial else ""
+        kept = f"; {self.kept}" if self.kept else ""
+        return f"endpoint {self.endpoint}{where}: {self.what}{kept}"
+
+
+def _snippet(raw: bytes, limit: int = 160) -> str:
+    """The start of a reply body on one line, for error messages."""
+    text = raw[:limit].decode("utf-8", errors="replace")
+    return " ".join(text.split()) + ("..." if len(raw) > limit else "")
+
+
+def _retry_after(headers: Any) -> float | None:
+    try:
+        return max(0.0, float(headers.get("Retry-After")))
+    except (TypeError, ValueError, AttributeError):
+        return None  # absent, or an HTTP date: our own backoff applies
+
+
 class OpenAIBackend:
-    """Any OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, TGI, a judge server)."""
+    """Any OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, TGI, a judge server).
+
+    Each request waits at most ``timeout`` seconds; connection errors, timeouts and HTTP 5xx/429 are retried
+    ``retries`` times, waiting ``backoff_s`` (default :data:`BACKOFF_S`) doubled at each retry (or the server's
+    ``Retry-After``), at most :data:`MAX_BACKOFF_S`. Other HTTP errors and malformed replies fail at once.
+    """
 
     def __init__(
-        self, base_url: str, model: str, api_key: str | None = None, max_tokens: int = 64, timeout: float = 600
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        max_tokens: int = 64,
+        timeout: float = TIMEOUT_S,
+        retries: int = RETRIES,
+        backoff_s: float | None = None,
+        log: Callable[[str], Any] | None = None,
     ):
+        if not re.match(r"https?://[^/\s]+", base_url or ""):
+            raise ConfigError(f"endpoint {base_url!r}: give an http(s) base URL, e.g. http://host:8000/v1")
+        if timeout <= 0 or retries < 0:
+            raise ConfigError(f"endpoint {base_url}: timeout must be > 0 s and retries >= 0")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.max_tokens, self.timeout = model, api_key, max_tokens, timeout
+        self.retries, self.backoff_s = retries, backoff_s
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
 
     def chat(self, msgs: list[dict[str, str]], temperature: float = 0.0) -> str:
+        """The assistant's reply to ``msgs``; raises :class:`EndpointError` when none can be had."""
         body = {"model": self.model, "messages": msgs, "temperature": temperature, "max_tokens": self.max_tokens}
+        return self._content(self._post(body))
+
+    def _post(self, body: dict[str, Any]) -> bytes:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            return json.loads(resp.read())["choices"][0]["message"]["content"]
+        data = json.dumps(body).encode()
+        attempts = self.retries + 1
+        for attempt in range(attempts):
+            wait: float | None = None
+            try:
+                req = urllib.request.Request(self.url, data, headers)
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return resp.read()
+            except urllib.error.HTTPError as exc:
+                try:
+                    detail = _snippet(exc.read())
+                except (OSError, http.client.HTTPException):
+                    detail = ""
+                problem = f"HTTP {exc.code} {exc.reason}" + (f" ({detail})" if detail else "")
+                if exc.code != 429 and exc.code < 500:  # the request itself is wrong: asking again won't help
+                    raise EndpointError(
+                        self.url, f"{problem}; check the URL (an OpenAI-compatible base ending in /v1) and the served "
+                        f"model name {self.model!r}"
+                    ) from None  # fmt: skip
+                advice, wait = "check the server's log", _retry_after(exc.headers)
+            except (TimeoutError, urllib.error.URLError) as exc:
+                reason = getattr(exc, "reason", exc)
+                if isinstance(reason, TimeoutError):
+                    problem, advice = f"no reply within {self.timeout:g} s", "raise --timeout for long prompts"
+                elif isinstance(reason, ConnectionRefusedError):
+                    problem, advice = "connection refused", "is the server running and listening at that address?"
+                else:
+                    problem, advice = f"can not connect ({reason})", "is the address right and the server reachable?"
+            except (ConnectionError, http.client.HTTPException, OSError) as exc:  # reset, dropped mid-reply
+                problem, advice = f"the connection failed ({type(exc).__name__}: {exc})", "check the server's log"
+            if attempt == attempts - 1:
+                raise EndpointError(self.url, f"{problem}, after {attempts} attempt(s) (--retries {self.retries}); "
+                                    f"{advice}")  # fmt: skip
+            delay = (BACKOFF_S if self.backoff_s is None else self.backoff_s) * 2**attempt
+            delay = min(MAX_BACKOFF_S, max(delay, wait or 0.0))
+            self.log(f"[alia-nemo] {self.url}: {problem}; retry {attempt + 1} of {self.retries} in {delay:g} s")
+            time.sleep(delay)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _content(self, raw: bytes) -> str:
+        """``choices[0].message.content`` of a reply, or an :class:`EndpointError` saying what is wrong with it."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise EndpointError(
+                self.url, f"the reply is not JSON (it starts {_snippet(raw, 60)!r}); is this an OpenAI-compatible "
+                "endpoint (a base URL ending in /v1)?"
+            ) from None  # fmt: skip
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or not choices:
+            shape = f"keys {sorted(data)[:8]}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+            error = data.get("error") if isinstance(data, dict) else None
+            if isinstance(error, dict):
+                error = error.get("message", error)
+            why = f"; it says: {_snippet(str(error).encode())}" if error else ""
+            raise EndpointError(self.url, f"the reply has no choices ({shape}){why}")
+        first = choices[0] if isinstance(choices[0], dict) else {}
+        message = first.get("message")
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, str):
+            what = "missing or null" if content is None else f"a JSON {type(content).__name__}"
+            raise EndpointError(
+                self.url, f"the reply's choices[0].message.content is {what}, not text "
+                f"(finish_reason {first.get('finish_reason')!r})"
+            )  # fmt: skip
+        return content
 
 
 def judge_score(judge: OpenAIBackend, response: str) -> int | None:
@@ -141,12 +278,109 @@ def judge_score(judge: OpenAIBackend, response: str) -> int | None:
 
 @dataclass
 class Trial:
+    """One (length, depth) cell: the prompt's size, the model's answer and its scores."""
+
     length: int
     depth: float
     prompt_tokens: int
     response: str
     score: float
     judge: int | None = None
+
+
+def parse_grid(lengths: str, depths: str) -> tuple[list[int], list[float]]:
+    """``--lengths`` and ``--depths`` (comma lists) as numbers; a clear error for anything else."""
+    try:
+        ls = [int(float(x)) for x in lengths.split(",") if x.strip()]
+        ds = [float(x) for x in depths.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--lengths {lengths!r} / --depths {depths!r}: give comma-separated numbers, e.g. --lengths 4096,32768 "
+            "--depths 0,50,100"
+        ) from None
+    if not ls or not ds or min(ls) <= 0 or not all(0 <= d <= 100 for d in ds):
+        raise ConfigError("--lengths needs positive token counts and --depths percentages from 0 to 100")
+    return ls, ds
+
+
+def settings_digest(text: str) -> str:
+    """A short fingerprint of a text (the haystack, the card's prompts) for a run's settings."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class TrialStore:
+    """``trials.jsonl`` in an output directory: the setup on the first line, then each trial as it finishes.
+
+    A rerun with the same setup gets the finished trials back (``trials``, keyed by (length, depth)) and runs only
+    the others; a different setup is refused, so two setups' trials never mix. ``fresh`` starts over.
+    """
+
+    def __init__(self, out: Path, settings: dict[str, Any], fresh: bool = False):
+        self.path = Path(out) / TRIALS
+        prompts = settings_digest(NEEDLE + SYSTEM_PROMPT + QUESTION)  # the card's texts, should they ever change
+        # As it reads back from JSON (tuples become lists), so a rerun compares equal.
+        self.settings = json.loads(json.dumps({**settings, "card_prompts": prompts}))
+        self.trials: dict[tuple[int, float], Trial] = {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            self.path.unlink(missing_ok=True)
+        if self.path.exists():
+            self._load()
+        else:
+            self._rewrite([{"settings": self.settings}])
+
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        tmp.replace(self.path)
+
+    def _damaged(self, why: str) -> ConfigError:
+        return ConfigError(
+            f"{self.path} {why}; it holds this output directory's finished trials. Fix or remove it (the trials "
+            "then run again), or use another --out"
+        )
+
+    def _load(self) -> None:
+        try:
+            lines = self.path.read_text(encoding="utf-8").split("\n")
+        except UnicodeDecodeError:
+            raise self._damaged("is not UTF-8 text") from None
+        tail = lines.pop()  # "" after the last newline, or a line cut short when a run was killed
+        records = []
+        for n, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                raise self._damaged(f"line {n} is not JSON") from None
+        if not records or not isinstance(records[0], dict) or not isinstance(records[0].get("settings"), dict):
+            raise self._damaged("does not start with its settings line")
+        old = records[0]["settings"]
+        diffs = [f"{k}: {old.get(k, '<absent>')!r} -> {self.settings.get(k, '<absent>')!r}"
+                 for k in sorted(set(old) | set(self.settings)) if old.get(k) != self.settings.get(k)]  # fmt: skip
+        if diffs:
+            raise ConfigError(
+                f"{self.path} holds {len(records) - 1} trial(s) of another setup ({'; '.join(diffs)}); they must not "
+                f"mix with this run's. Use another --out, or delete {self.path} to start over there"
+            )
+        names = {f.name for f in fields(Trial)}
+        for n, rec in enumerate(records[1:], 2):
+            try:
+                if not isinstance(rec, dict) or not {"length", "depth", "response", "score"} <= set(rec) <= names:
+                    raise TypeError
+                trial = Trial(**rec)
+                self.trials[(int(trial.length), float(trial.depth))] = trial
+            except (TypeError, ValueError):
+                raise self._damaged(f"line {n} is not a trial") from None
+        if tail:  # keep the complete lines only: that trial runs again
+            self._rewrite(records)
+
+    def add(self, trial: Trial) -> None:
+        """Append a finished trial, on disk at once (a later failure or a kill does not lose it)."""
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(asdict(trial), ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.trials[(int(trial.length), float(trial.depth))] = trial
 
 
 def run(
@@ -157,18 +391,36 @@ def run(
     depths: Sequence[float],
     judge: OpenAIBackend | None = None,
     progress: Callable[[Trial], None] | None = None,
+    store: TrialStore | None = None,
 ) -> list[Trial]:
-    """Every (length, depth) cell once; ``chat`` answers a conversation (greedy)."""
+    """Every (length, depth) cell once, in grid order; ``chat`` answers a conversation (greedy).
+
+    With ``store``, cells it already holds are not asked again and each new trial is saved as it finishes; an
+    :class:`EndpointError` is completed with the trial it happened in and where the finished trials are.
+    """
     trials = []
     for length in lengths:
         for depth in depths:
+            key = (int(length), float(depth))
+            if store is not None and key in store.trials:
+                trials.append(store.trials[key])
+                continue
             context = build_context(tokenizer, haystack, length, depth)
             msgs = messages(context)
             n = prompt_tokens(tokenizer, msgs)
-            response = chat(msgs)
-            trial = Trial(length, depth, n, response, keyphrase_score(response))
-            if judge is not None:
-                trial.judge = judge_score(judge, response)
+            try:
+                response = chat(msgs)
+                trial = Trial(int(length), float(depth), n, response, keyphrase_score(response))
+                if judge is not None:
+                    trial.judge = judge_score(judge, response)
+            except EndpointError as exc:
+                exc.trial = f"length {int(length):,} tokens, depth {float(depth):g}%"
+                if store is not None:
+                    exc.kept = (f"{len(store.trials)} finished trial(s) are kept in {store.path}; rerun the same "
+                                "command to continue from there")  # fmt: skip
+                raise
+            if store is not None:
+                store.add(trial)
             trials.append(trial)
             if progress:
                 progress(trial)

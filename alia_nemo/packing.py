@@ -6,15 +6,15 @@ window edges. Each window keeps its document boundaries (``doc_starts``: offsets
 single document starts, 0 always included; ``continues``: whether offset 0 continues the previous
 window's document) so a backend can reset positions or mask attention across documents. The last,
 partial window is dropped or padded by policy, and counted. ``prepare_corpus`` writes windows as
-Parquet shards plus ``manifest.json`` into a hash-keyed directory that appears atomically.
+Parquet shards plus ``manifest.json`` into a hash-keyed directory (local files keyed by their content's
+sha256) that appears atomically, built once per key across processes and hosts: a concurrent prepare of the
+same key waits for the build's lock and reuses its result (:func:`alia_nemo.sft_mixture.build_cached`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,9 +24,19 @@ from typing import Any
 import numpy as np
 
 from alia_nemo.config_schema import TextCorpusConfig
-from alia_nemo.sft_mixture import clean_stale_tmp, code_version, file_fingerprint, tokenizer_hash
+from alia_nemo.sft_mixture import (
+    WAIT_S,
+    build_cached,
+    cache_dir,
+    code_version,
+    file_fingerprint,
+    read_manifest,
+    tokenizer_hash,
+)
 from alia_nemo.text_corpus import CorpusError, SourceStats, expand_files, interleave
 
+# The code that shapes packed windows (the reader lives in sft_mixture): a change to it is a new cache key.
+CODE_FILES = ("packing.py", "text_corpus.py", "sft_mixture.py")
 # Flush windows to Parquet every ~4M tokens (one shard each): peak memory is a few batches' worth of
 # tokens whatever the corpus size (benchmarks/bench_packing.py measures it).
 WRITE_BATCH_TOKENS = 1 << 22
@@ -112,7 +122,7 @@ def pack_windows(
 
 
 def cache_key(corpus: TextCorpusConfig, tokenizer, seq_length: int, tokens: int, seed: int) -> str:
-    """Hash of sources (and local file fingerprints), tokenizer, window length, budget, seed and code."""
+    """Hash of sources (and local files' content hashes), tokenizer, window length, budget, seed and code."""
     sources = {}
     for name, src in corpus.sources.items():
         d = src.model_dump(mode="json")
@@ -125,7 +135,7 @@ def cache_key(corpus: TextCorpusConfig, tokenizer, seq_length: int, tokens: int,
         "seq_length": seq_length,
         "tokens": tokens,
         "seed": seed,
-        "code": code_version(),
+        "code": code_version(CODE_FILES),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
@@ -170,43 +180,65 @@ class ShardWriter:
 
 
 def prepare_corpus(
-    corpus: TextCorpusConfig, tokenizer, seq_length: int, tokens: int, seed: int, progress: bool = True
+    corpus: TextCorpusConfig,
+    tokenizer,
+    seq_length: int,
+    tokens: int,
+    seed: int,
+    progress: bool = True,
+    wait_s: float = WAIT_S,
 ) -> Path:
-    """Pack ``tokens`` training tokens (+ ``val_windows`` windows) of the corpus; return the cached directory."""
+    """Pack ``tokens`` training tokens (+ ``val_windows`` windows) of the corpus; return the cached directory.
+
+    A concurrent prepare of the same inputs is waited for (up to ``wait_s`` seconds) and its result reused.
+    """
     root = Path(corpus.prepared_root).expanduser()
     total = tokens + corpus.val_windows * seq_length
     key = cache_key(corpus, tokenizer, seq_length, total, seed)
-    final = root / f"{corpus.name}-{seq_length}-{key[:16]}"
-    if (final / "manifest.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(root, key)
-    tmp = root / f".tmp-{key[:16]}-{os.getpid()}"
-    tmp.mkdir()
+    final = cache_dir(root, corpus.name, f"{seq_length}-{key[:16]}", "data.name", CorpusError)
+
+    def build(tmp: Path) -> None:
+        _pack(corpus, tokenizer, seq_length, tokens, seed, progress, key, tmp)
+
+    return build_cached(root, final, key, build, what=f"packing of corpus {corpus.name}", error=CorpusError,
+                        wait_s=wait_s)  # fmt: skip
+
+
+def _pack(
+    corpus: TextCorpusConfig, tokenizer, seq_length: int, tokens: int, seed: int, progress: bool, key: str, tmp: Path
+) -> None:
+    """Pack the corpus into ``tmp``: shards, then ``manifest.json`` last."""
     from tqdm import tqdm
 
+    total = tokens + corpus.val_windows * seq_length
     started = time.time()
     stats: dict[str, SourceStats] = {}
     report = PackReport(seq_length, corpus.tail)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     writers = {"val": ShardWriter(tmp, "val", seq_length), "train": ShardWriter(tmp, "train", seq_length)}
-    bar = tqdm(total=total, unit=" tok", unit_scale=True, desc=f"pack {corpus.name}", disable=not progress)
     stream = interleave(corpus, tokenizer, total, seed, stats)
-    for w in pack_windows(stream, seq_length, report, corpus.tail, pad_id):
-        split = "val" if writers["val"].count < corpus.val_windows else "train"
-        writers[split].add(w)
-        bar.update(w.valid_length)
-    bar.close()
+    # A with-block closes the bar when an error leaves it, so the CLI's one-line error starts a line.
+    with tqdm(total=total, unit=" tok", unit_scale=True, desc=f"pack {corpus.name}", disable=not progress) as bar:
+        for w in pack_windows(stream, seq_length, report, corpus.tail, pad_id):
+            split = "val" if writers["val"].count < corpus.val_windows else "train"
+            writers[split].add(w)
+            bar.update(w.valid_length)
     for w in writers.values():
         w.flush()
     need = -(-tokens // seq_length)
     got = writers["train"].count
+    read = {n: f"{s.records:,} records, {s.tokens:,} tokens, dropped {dict(s.dropped) or 0}" for n, s in stats.items()}
+    if got == 0 and need > 0:
+        # Whatever the shortfall policy, a stage can not train on nothing: say which source gave what.
+        raise CorpusError(
+            f"corpus {corpus.name!r} packed no training window of {seq_length} tokens (sources: {read}); check "
+            "the sources' files and text_field (one JSON object with the text per line, or Parquet / Arrow with "
+            "that column), lower data.val_windows or stage.seq_length, or add data"
+        )
     if got < need and corpus.on_shortfall == "error":
-        shutil.rmtree(tmp, ignore_errors=True)
-        short = {n: f"{s.tokens:,} tokens read" for n, s in stats.items()}
         raise CorpusError(
             f"corpus {corpus.name!r} packed {got:,} training windows of {seq_length} tokens; the stage needs "
-            f"{need:,}. Sources: {short}. Add data, lower stage.token_budget, or set data.on_shortfall=repeat "
+            f"{need:,}. Sources: {read}. Add data, lower stage.token_budget, or set data.on_shortfall=repeat "
             "(read sources again) or take_all (train on fewer windows); either is recorded in the manifest."
         )
     manifest = {
@@ -214,7 +246,7 @@ def prepare_corpus(
         "key": key,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - started, 1),
-        "code_version": code_version(),
+        "code_version": code_version(CODE_FILES),
         "tokenizer": {"name_or_path": getattr(tokenizer, "name_or_path", None), "sha256": tokenizer_hash(tokenizer)},
         "seq_length": seq_length,
         "seed": seed,
@@ -229,6 +261,7 @@ def prepare_corpus(
             n: {
                 "language": corpus.sources[n].language,
                 "weight": corpus.sources[n].weight,
+                "records": s.records,
                 "documents": s.documents,
                 "tokens": s.tokens,
                 "passes": s.passes,
@@ -240,11 +273,6 @@ def prepare_corpus(
         "files": {"train": writers["train"].files, "val": writers["val"].files},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))  # written last
-    if final.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    return final
 
 
 def iter_windows(directory: Path, split: str = "train") -> Iterator[dict[str, Any]]:
@@ -252,7 +280,7 @@ def iter_windows(directory: Path, split: str = "train") -> Iterator[dict[str, An
     import pyarrow.parquet as pq
 
     directory = Path(directory)
-    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest = read_manifest(directory, CorpusError)
     for name in manifest["files"][split]:
         for batch in pq.ParquetFile(directory / name).iter_batches(batch_size=64):
             yield from batch.to_pylist()
@@ -261,7 +289,7 @@ def iter_windows(directory: Path, split: str = "train") -> Iterator[dict[str, An
 def load_packed(directory: Path) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Training and validation rows for a causal LM (every real token trained, padding ignored)."""
     directory = Path(directory)
-    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest = read_manifest(directory, CorpusError)
     out: dict[str, list[dict]] = {"train": [], "val": []}
     for split in out:
         for row in iter_windows(directory, split):

@@ -1,19 +1,26 @@
 """Read messages-JSONL conversations, check them, split train/validation and tokenise with loss masks.
 
 Nothing is dropped silently: every conversation left out is counted under its reason in the report
-that ``prepare_sft`` returns (and the engines write to ``data_report.json``).
+that ``prepare_sft`` returns (and the engines write to ``data_report.json``); rows read == train + val +
+dropped.
+
+Bad input follows the same policy as the mixture (:mod:`alia_nemo.sft_mixture`, which reads the lines):
+a line that is not valid UTF-8, not JSON, not a JSON object, or not a usable conversation is a bad row
+(``data.on_invalid=error`` stops at it naming file:line and the fix, ``drop`` counts it under its reason); a
+UTF-8 byte order mark is stripped; a file that is not UTF-8 text at all is an error naming the file.
+Message contents follow :func:`alia_nemo.chatml.content_text` (text parts are joined, any other
+non-string content is the bad-row reason ``content_not_text``), exactly as in the mixture.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alia_nemo.chatml import ConversationError, tokenize_conversation, validate_conversation
+from alia_nemo.chatml import ConversationError, checked_messages, tokenize_conversation
 from alia_nemo.config_schema import AliaConfig, DataConfig, TextCorpusConfig
 from alia_nemo.errors import AliaError
 
@@ -36,8 +43,20 @@ class PreparedSFT:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def _row_id(row: dict, fallback: str) -> str:
+    """The row's id as text (a string or a number); ``fallback`` (its file:line) when it has none usable."""
+    value = row.get("id")
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return fallback
+
+
 def read_conversations(files: list[str], on_invalid: str = "error") -> tuple[list[Conversation], Counter]:
     """Parse and check every row of ``files``. Bad rows stop the read (``error``) or are counted (``drop``)."""
+    from alia_nemo.sft_mixture import InvalidRow, iter_jsonl
+
     conversations: list[Conversation] = []
     dropped: Counter = Counter()
     seen: set[str] = set()
@@ -45,30 +64,31 @@ def read_conversations(files: list[str], on_invalid: str = "error") -> tuple[lis
         path = Path(file)
         if not path.is_file():
             raise DataError(f"data file {file!r} does not exist; fix data.files")
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path.name}:{lineno}"
-                try:
-                    row = json.loads(line)
-                    if not isinstance(row, dict) or "messages" not in row:
-                        raise ConversationError(where, "row must be a JSON object with a 'messages' list")
-                    cid = str(row.get("id", where))
-                    if cid in seen:
-                        raise ConversationError(cid, f"duplicate id at {where}; ids must be unique across data.files")
-                    validate_conversation(row["messages"], cid)
-                except (json.JSONDecodeError, ConversationError) as exc:
-                    reason = "invalid JSON" if isinstance(exc, json.JSONDecodeError) else exc.problem.split(";")[0]
-                    if on_invalid == "error":
-                        raise DataError(
-                            f"{where}: {exc}. Fix the row, or set data.on_invalid=drop to skip and count such rows"
-                        ) from None
-                    dropped[reason] += 1
-                    continue
-                seen.add(cid)
-                messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-                conversations.append(Conversation(cid, messages, row.get("language")))
+        for lineno, row in iter_jsonl(file, DataError):
+            where = f"{path.name}:{lineno}"
+            try:
+                if isinstance(row, InvalidRow):
+                    raise ConversationError(where, row.reason)
+                if "messages" not in row:
+                    raise ConversationError(where, "row must be a JSON object with a 'messages' list")
+                # Rows without an id are named by file:line; the path as given keeps two d.jsonl apart.
+                cid = _row_id(row, where if len({Path(f).name for f in files}) == len(files) else f"{file}:{lineno}")
+                if cid in seen:
+                    raise ConversationError(
+                        cid, f"duplicate id at {where}; ids must be unique across data.files", reason="duplicate id"
+                    )
+                messages = checked_messages(row["messages"], cid)
+            except ConversationError as exc:
+                if on_invalid == "error":
+                    problem = exc.problem if isinstance(row, InvalidRow) else str(exc)
+                    raise DataError(
+                        f"{where}: {problem}. Fix the row, or set data.on_invalid=drop to skip and count such rows"
+                    ) from None
+                dropped[exc.reason] += 1
+                continue
+            seen.add(cid)
+            language = row.get("language")
+            conversations.append(Conversation(cid, messages, language if isinstance(language, str) else None))
     return conversations, dropped
 
 
@@ -105,7 +125,8 @@ def prepare_sft(data: DataConfig, tokenizer, seq_length: int, seed: int) -> Prep
                 languages[conv.language or "unknown"] += 1
     if not out["train"]:
         raise DataError(
-            f"no training conversation left (dropped: {dict(dropped)}); check data.files and stage.seq_length"
+            f"no training conversation left in {list(data.files)} ({rows_read} rows read, dropped: {dict(dropped)}); "
+            "check data.files (one {'messages': [...]} object per line), data.on_invalid and stage.seq_length"
         )
     report = {
         "files": list(data.files),

@@ -7,11 +7,20 @@ Every adapter has the same signature::
 ``rows`` are the rows exactly as ``datasets.load_dataset(...)`` yields them for that source (the source's
 own field names and shapes); ``languages`` are the ISO 639-1 codes (of ca, en, es, eu, gl, pt) wanted from
 it. Each yielded record is ``{"id", "source", "language", "messages"}`` and its messages pass
-:func:`alia_nemo.chatml.validate_conversation`. Rows in languages that are not wanted are simply not
-wanted (not counted); rows that are wanted but can not be converted are counted in
+:func:`alia_nemo.chatml.validate_conversation`. Rows that can not be converted are counted in
 ``drops[(language or "unknown", reason)]`` with a short, stable reason, never skipped silently.
 ``wildchat_prompts`` is the exception: it extracts prompts (``{"id", "source", "language", "prompt"}``),
 because ALIA's WildChat responses were regenerated internally and are not public.
+
+Nothing is skipped uncounted by the adapters that turn one row into at most one conversation (all but
+``flores`` and ``oasst2``, which pair or thread rows): every row read is yielded or counted, so rows in ==
+conversations + drops. A row in a language outside the mixture's six is counted as
+``("unknown", "unknown_language")``, one in a mixture language the dataset does not request as
+``(language, "language_not_requested")``, one whose language is missing as ``("unknown", "missing language")``.
+
+Message contents follow one policy, :func:`alia_nemo.chatml.content_text` (shared with ``data=jsonl``): a
+string, or a list of ``{"type": "text", "text": ...}`` parts joined; any other content (a dict, a number,
+an image part) drops the row as ``content_not_text``, never becomes its Python repr.
 
 Ids are stable: derived from the source's own ids where it has them, otherwise from a hash of the content.
 A source id seen twice gets a content-hash suffix; an exact duplicate conversation is dropped.
@@ -37,7 +46,8 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from alia_nemo.chatml import IM_END, IM_START, ConversationError, validate_conversation
+from alia_nemo.chatml import CONTENT_NOT_TEXT, IM_END, IM_START, ConversationError, content_text, validate_conversation
+from alia_nemo.config_schema import LANGUAGES as MIXTURE_LANGUAGES
 
 Adapter = Callable[..., Iterator[dict]]
 
@@ -77,6 +87,12 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
+def _content(value: Any) -> str | None:
+    """A text field under the content policy (:func:`alia_nemo.chatml.content_text`), stripped; None when not text."""
+    text = content_text(value)
+    return None if text is None else text.strip()
+
+
 def _hash(*parts: Any, length: int = 16) -> str:
     """A short stable hex digest of JSON-serialisable parts (independent of PYTHONHASHSEED)."""
     blob = json.dumps(parts, ensure_ascii=False, sort_keys=True, default=str)
@@ -85,6 +101,8 @@ def _hash(*parts: Any, length: int = 16) -> str:
 
 def _problem(messages: Sequence[Mapping[str, str]]) -> str | None:
     """The drop reason for a built conversation, or None when it is trainable."""
+    if any(message["content"] is None for message in messages):
+        return CONTENT_NOT_TEXT
     for message in messages:
         if not message["content"]:
             return "empty message"
@@ -109,6 +127,22 @@ class _Sink:
 
     def drop(self, language: str | None, reason: str) -> None:
         self.drops[(language or "unknown", reason)] += 1
+
+    def wanted(self, language: str | None, languages: Sequence[str], raw: Any = None) -> bool:
+        """True for a row in a requested language; any other row is counted here, so none goes uncounted.
+
+        ``raw`` is the row's language field as written: when ``language`` is None it tells a missing
+        language (empty) from one outside the mixture ("de", "French", "deu").
+        """
+        if language in languages:
+            return True
+        if language is not None and language in MIXTURE_LANGUAGES:
+            self.drop(language, "language_not_requested")
+        elif language is not None or (raw.strip() if isinstance(raw, str) else raw not in (None, [], {})):
+            self.drop(None, "unknown_language")
+        else:
+            self.drop(None, "missing language")
+        return False
 
     def unique_id(self, conv_id: str, language: str, payload: Any) -> str | None:
         """``conv_id`` if new; for a re-used id with other content a content-hash suffix; None (dropped) for a
@@ -141,8 +175,14 @@ class _Sink:
         return {"id": unique, "source": self.source, "language": language, "messages": messages}
 
 
+def _text_or_empty(value: Any) -> str:
+    """A field as stripped text when it is a string, else empty (for telling missing from unreadable)."""
+    return value.strip() if isinstance(value, str) else ""
+
+
 def _turn(role: str, content: Any) -> dict[str, str]:
-    return {"role": role, "content": _text(content)}
+    # A content that is not text stays None here; _problem drops the conversation as content_not_text.
+    return {"role": role, "content": _content(content)}  # type: ignore[dict-item]
 
 
 def _pair(user: str, assistant: str) -> list[dict[str, str]]:
@@ -166,10 +206,14 @@ def adapt_aya_dataset(
     """
     sink = _Sink(source, drops)
     for row in rows:
-        language = ISO3_TO_ISO1.get(_text(row.get("language_code")).lower())
-        if language not in languages:
+        code = _text_or_empty(row.get("language_code"))
+        language = ISO3_TO_ISO1.get(code.lower())
+        if not sink.wanted(language, languages, code):
             continue
-        user, assistant = _text(row.get("inputs")), _text(row.get("targets"))
+        user, assistant = _content(row.get("inputs")), _content(row.get("targets"))
+        if user is None or assistant is None:
+            sink.drop(language, CONTENT_NOT_TEXT)
+            continue
         if not user:
             sink.drop(language, "empty prompt")
             continue
@@ -194,16 +238,18 @@ def _coqa_texts(value: Any) -> list[str] | None:
     """
     if isinstance(value, Mapping):
         texts = value.get("input_text")
-        return [_text(t) for t in texts] if isinstance(texts, Sequence) and not isinstance(texts, str) else None
-    if isinstance(value, Sequence) and not isinstance(value, str):
+        if not isinstance(texts, Sequence) or isinstance(texts, (str, bytes)):
+            return None
+        out = [_content(t) if isinstance(t, str) or t is None else None for t in texts]
+        return None if None in out else out  # type: ignore[return-value]
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         out = []
         for item in value:
             if isinstance(item, Mapping):
-                out.append(_text(item.get("input_text")))
-            elif isinstance(item, str) or item is None:
-                out.append(_text(item))
-            else:
+                item = item.get("input_text")
+            if not (isinstance(item, str) or item is None):
                 return None
+            out.append(_text(item))
         return out
     return None
 
@@ -221,12 +267,15 @@ def adapt_coqcat(
     The first user turn is :data:`COQCAT_TEMPLATE` (story + first question); later user turns are the
     following questions; assistant turns are the answers' ``input_text``.
     """
-    if "ca" not in languages:
-        return
     sink = _Sink(source, drops)
     for row in rows:
-        story = _text(row.get("story"))
+        if not sink.wanted("ca", languages):  # every row is Catalan: counted when Catalan is not requested
+            continue
+        story = _content(row.get("story"))
         questions, answers = _coqa_texts(row.get("questions")), _coqa_texts(row.get("answers"))
+        if story is None:
+            sink.drop("ca", CONTENT_NOT_TEXT)
+            continue
         if not story:
             sink.drop("ca", "empty story")
             continue
@@ -282,11 +331,14 @@ def _dolly_rows(
     languages: Sequence[str],
     drops: collections.Counter,
 ) -> Iterator[dict]:
-    if language not in languages:
-        return
     sink = _Sink(source, drops)
     for row in rows:
-        instruction, context, response = (_text(row.get(k)) for k in ("instruction", "context", "response"))
+        if not sink.wanted(language, languages):  # every row has the option's language: count them all
+            continue
+        instruction, context, response = (_content(row.get(k)) for k in ("instruction", "context", "response"))
+        if instruction is None or context is None or response is None:
+            sink.drop(language, CONTENT_NOT_TEXT)
+            continue
         if not instruction:
             sink.drop(language, "empty instruction")
             continue
@@ -377,13 +429,19 @@ def adapt_flores(
         language = ISO3_TO_ISO1.get(_text(row.get("iso_639_3")).lower())
         if language is None or _text(row.get("iso_15924")) not in ("", "Latn"):
             continue
-        text = _text(row.get("text"))
+        text = _content(row.get("text"))
+        if text is None:
+            sink.drop(language, CONTENT_NOT_TEXT)
+            continue
         if not text:
             sink.drop(language, "empty text")
             continue
         sentence_id = row.get("id")
         if sentence_id is None:
             sink.drop(language, "missing sentence id")
+            continue
+        if isinstance(sentence_id, bool) or not isinstance(sentence_id, (str, int)):
+            sink.drop(language, "malformed sentence id")  # ids key a dict and are sorted: str or int only
             continue
         if language in sentences[sentence_id]:
             sink.drop(language, "duplicate sentence")
@@ -447,13 +505,16 @@ def adapt_no_robots(
     options: Mapping[str, Any] | None = None,
 ) -> Iterator[dict]:
     """HuggingFaceH4/no_robots (English): ``messages`` as they are; a system turn is kept only when first."""
-    if "en" in languages:
-        yield from _english_messages(rows, _Sink(source, drops), id_key="prompt_id", prefix="no_robots")
+    yield from _english_messages(rows, languages, _Sink(source, drops), id_key="prompt_id", prefix="no_robots")
 
 
-def _english_messages(rows: Iterable[Mapping[str, Any]], sink: _Sink, *, id_key: str, prefix: str) -> Iterator[dict]:
+def _english_messages(
+    rows: Iterable[Mapping[str, Any]], languages: Sequence[str], sink: _Sink, *, id_key: str, prefix: str
+) -> Iterator[dict]:
     """English sources whose rows already hold ``messages`` with role/content (no_robots, OpenR1-Math)."""
     for row in rows:
+        if not sink.wanted("en", languages):  # every row is English: counted when English is not requested
+            continue
         messages = _chat_messages(row.get("messages"), "role", "content", _CHAT_ROLES)
         if isinstance(messages, str):
             sink.drop("en", messages)
@@ -472,6 +533,8 @@ _OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 def _oasst_order(message: Mapping[str, Any]) -> tuple:
     """Sort key for siblings: best rank first (None after ranked ones), then oldest, then id."""
     rank = message.get("rank")
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank != rank:
+        rank = None  # unranked: a rank of another type (or NaN) can not be compared
     return (
         rank is None,
         rank if rank is not None else 0,
@@ -589,8 +652,7 @@ def adapt_openr1_math(
     options: Mapping[str, Any] | None = None,
 ) -> Iterator[dict]:
     """open-r1/OpenR1-Math-220k (default config, English): the row's ``messages`` (problem -> reasoning + answer)."""
-    if "en" in languages:
-        yield from _english_messages(rows, _Sink(source, drops), id_key="uuid", prefix="openr1_math")
+    yield from _english_messages(rows, languages, _Sink(source, drops), id_key="uuid", prefix="openr1_math")
 
 
 # -------------------------------------------------------------------------------- rag_multilingual
@@ -611,9 +673,12 @@ def adapt_rag_multilingual(
     sink = _Sink(source, drops)
     for row in rows:
         language = normalise_language(row.get("lang"))
-        if language not in languages:
+        if not sink.wanted(language, languages, row.get("lang")):
             continue
-        instruction, context, response = (_text(row.get(k)) for k in ("instruction", "context", "response"))
+        instruction, context, response = (_content(row.get(k)) for k in ("instruction", "context", "response"))
+        if instruction is None or context is None or response is None:
+            sink.drop(language, CONTENT_NOT_TEXT)
+            continue
         if not instruction:
             sink.drop(language, "empty instruction")
             continue
@@ -667,7 +732,7 @@ def adapt_towerblocks(
         if language is None:
             sink.drop(None, "unrecognised language")
             continue
-        if language not in languages:
+        if not sink.wanted(language, languages, row.get("lang")):
             continue
         if _text(row.get("dataset")) in excluded:
             sink.drop(language, "excluded sub-dataset (licence)")
@@ -700,12 +765,16 @@ def adapt_wildchat_prompts(
     """
     sink = _Sink(source, drops)
     for row in rows:
-        language = NAME_TO_ISO1.get(_text(row.get("language")).lower())
-        turns = row.get("conversation") or []
+        raw = _text_or_empty(row.get("language"))
+        language = NAME_TO_ISO1.get(raw.lower())
+        turns = row.get("conversation")
+        turns = turns if isinstance(turns, Sequence) and not isinstance(turns, (str, bytes)) else []
         first = next((t for t in turns if isinstance(t, Mapping) and t.get("role") == "user"), None)
         if language is None and first is not None:
-            language = NAME_TO_ISO1.get(_text(first.get("language")).lower())
-        if language not in languages:
+            first_raw = _text_or_empty(first.get("language"))
+            language = NAME_TO_ISO1.get(first_raw.lower())
+            raw = raw or first_raw
+        if not sink.wanted(language, languages, raw):
             continue
         if row.get("toxic") or (first is not None and first.get("toxic")):
             sink.drop(language, "toxic")
@@ -716,7 +785,10 @@ def adapt_wildchat_prompts(
         if first is None:
             sink.drop(language, "no user turn")
             continue
-        prompt = _text(first.get("content"))
+        prompt = _content(first.get("content"))
+        if prompt is None:
+            sink.drop(language, CONTENT_NOT_TEXT)
+            continue
         if not prompt:
             sink.drop(language, "empty prompt")
             continue
@@ -748,12 +820,10 @@ def adapt_messages(
     default = (options or {}).get("language")
     sink = _Sink(source, drops)
     for row in rows:
-        language = normalise_language(row.get("language") or default)
-        if language is None:
-            sink.drop(None, "missing language")
+        raw = row.get("language") or default
+        if not sink.wanted(normalise_language(raw), languages, raw):
             continue
-        if language not in languages:
-            continue
+        language = normalise_language(raw)
         messages = _chat_messages(row.get("messages"), "role", "content", _CHAT_ROLES)
         if isinstance(messages, str):
             sink.drop(language, messages)
@@ -763,6 +833,15 @@ def adapt_messages(
         if record is not None:
             yield record
 
+
+# Adapters whose records are prompts, not conversations: a mixture can not train on them.
+PROMPT_ADAPTERS = frozenset({"wildchat_prompts"})
+# Adapters that turn each row into at most one record, so that rows in == records + drops (the others pair
+# sentences or thread messages).
+ONE_TO_ONE_ADAPTERS = frozenset(
+    {"aya_dataset", "coqcat", "dolly", "no_robots", "openr1_math", "rag_multilingual", "towerblocks",
+     "wildchat_prompts", "messages"}
+)  # fmt: skip
 
 ADAPTERS: dict[str, Adapter] = {
     "aya_dataset": adapt_aya_dataset,

@@ -3,6 +3,11 @@
 Nothing is loaded whole: files are read in record batches, hub datasets with ``streaming=True``. Sources
 are interleaved in a seeded order that follows their weights, and each source stops once it has supplied
 its share of the token budget. Every document left out is counted with its reason.
+
+Bad input follows the policy of the shared reader (:mod:`alia_nemo.sft_mixture`): a JSONL line that is not
+valid UTF-8, not JSON or not a JSON object is a dropped record, counted under its reason; a UTF-8 byte order
+mark is stripped; a file that is not UTF-8 text (compressed, UTF-16), or a Parquet / Arrow file that can not
+be read, is a :class:`CorpusError` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 
 from alia_nemo.config_schema import CorpusSourceConfig, TextCorpusConfig
 from alia_nemo.errors import AliaError
-from alia_nemo.sft_mixture import read_local_rows
+from alia_nemo.sft_mixture import InvalidRow, read_local_rows
 
 
 class CorpusError(AliaError, ValueError):
@@ -25,6 +30,9 @@ class CorpusError(AliaError, ValueError):
 
 @dataclass
 class SourceStats:
+    """What one source gave: records read == documents + unused_read_ahead + sum(dropped)."""
+
+    records: int = 0  # records read (every pass), bad lines included
     documents: int = 0
     tokens: int = 0
     unused_read_ahead: int = 0  # documents tokenised in the last batch but not needed once the quota was met
@@ -44,29 +52,42 @@ def expand_files(name: str, patterns: list[str]) -> list[str]:
     return files
 
 
-def _read_file(path: str) -> Iterator[dict]:
+def _read_file(path: str) -> Iterator[dict | InvalidRow]:
     if path.endswith((".parquet", ".jsonl", ".json")):
-        yield from read_local_rows([path])
+        yield from read_local_rows([path], CorpusError)
     elif path.endswith(".arrow"):
         import pyarrow as pa
 
-        with open(path, "rb") as f:
-            try:
-                reader = pa.ipc.open_stream(f)  # what datasets' save_to_disk writes
-            except pa.ArrowInvalid:
-                f.seek(0)
-                file_reader = pa.ipc.open_file(f)
-                for i in range(file_reader.num_record_batches):
-                    yield from file_reader.get_batch(i).to_pylist()
-                return
-            for batch in reader:
-                yield from batch.to_pylist()
+        try:
+            yield from _arrow_rows(path)
+        except pa.ArrowException as exc:  # not Arrow IPC, truncated, or corrupt
+            why = " ".join(str(exc).split())[:300]
+            raise CorpusError(
+                f"{path}: not a readable Arrow file ({type(exc).__name__}: {why}); re-export it (datasets' "
+                "save_to_disk writes Arrow streams), or remove it from the source's files"
+            ) from None
     else:
         raise CorpusError(f"{path}: unsupported file type; use .jsonl, .parquet or .arrow")
 
 
-def read_source(name: str, src: CorpusSourceConfig) -> Iterator[dict]:
-    """Raw records of one source, streamed."""
+def _arrow_rows(path: str) -> Iterator[dict]:
+    import pyarrow as pa
+
+    with open(path, "rb") as f:
+        try:
+            reader = pa.ipc.open_stream(f)  # what datasets' save_to_disk writes
+        except pa.ArrowInvalid:
+            f.seek(0)
+            file_reader = pa.ipc.open_file(f)
+            for i in range(file_reader.num_record_batches):
+                yield from file_reader.get_batch(i).to_pylist()
+            return
+        for batch in reader:
+            yield from batch.to_pylist()
+
+
+def read_source(name: str, src: CorpusSourceConfig) -> Iterator[dict | InvalidRow]:
+    """Raw records of one source, streamed; a bad JSONL line comes as an :class:`InvalidRow`."""
     if src.kind == "local":
         for path in expand_files(name, src.files or []):
             yield from _read_file(path)
@@ -88,8 +109,12 @@ def documents(name: str, src: CorpusSourceConfig, stats: SourceStats, repeat: bo
     while True:
         produced = False
         for record in read_source(name, src):
-            if "__invalid_json__" in record:
-                stats.dropped["invalid JSON"] += 1
+            stats.records += 1
+            if isinstance(record, InvalidRow):
+                stats.dropped[record.reason] += 1
+                continue
+            if not isinstance(record, dict):  # a hub record is a dict; anything else is no document
+                stats.dropped["not a JSON object"] += 1
                 continue
             text = record.get(src.text_field)
             if not isinstance(text, str):

@@ -47,17 +47,22 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def load_pretrained_tokenizer(name_or_path: str, allow_download: bool = False):
+def load_pretrained_tokenizer(name_or_path: str, allow_download: bool = False, key: str = "model.tokenizer"):
     """Load the ALIA tokenizer from a local directory or a hub id already in the local cache.
 
     Compute nodes are often offline, so the hub is only contacted when ``allow_download`` is set and
-    ``HF_HUB_OFFLINE`` is not.
+    ``HF_HUB_OFFLINE`` is not. A local path (see :func:`alia_nemo.model_cache.is_local_path`) that is not a
+    tokenizer directory raises TokenizerError naming ``key`` (the setting it came from) and the path.
     """
     from transformers import AutoTokenizer
 
-    local = Path(name_or_path).expanduser()
-    if local.exists():
-        return with_chatml(AutoTokenizer.from_pretrained(str(local)))
+    from alia_nemo.model_cache import is_local_path, local_path_problem
+
+    if is_local_path(name_or_path):
+        problem = local_path_problem(key, name_or_path, "tokenizer")
+        if problem:
+            raise TokenizerError(problem)
+        return with_chatml(AutoTokenizer.from_pretrained(str(Path(name_or_path).expanduser())))
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
     except OSError as exc:
@@ -66,7 +71,7 @@ def load_pretrained_tokenizer(name_or_path: str, allow_download: bool = False):
                 f"tokenizer {name_or_path!r} is neither a local directory nor in the Hugging Face cache "
                 f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Download it where there is network, "
                 f"e.g. `hf download {name_or_path} --include 'tokenizer*' 'special_tokens_map.json'`, "
-                "or set model.tokenizer to a local directory."
+                f"or set {key} to a local directory."
             ) from exc
         tok = AutoTokenizer.from_pretrained(name_or_path)
     return with_chatml(tok)
@@ -147,8 +152,11 @@ def build_test_tokenizer(cache_dir: str | os.PathLike | None = None, vocab_size:
     return with_chatml(AutoTokenizer.from_pretrained(str(target)))
 
 
-def load_tokenizer(spec: str, allow_download: bool = False):
-    """Load ``builtin:test`` (the test tokenizer) or a pretrained ALIA tokenizer by path or hub id."""
+def load_tokenizer(spec: str, allow_download: bool = False, key: str = "model.tokenizer"):
+    """Load ``builtin:test`` (the test tokenizer) or a pretrained ALIA tokenizer by path or hub id.
+
+    ``key`` names the setting ``spec`` came from, for the error when it is a local path that does not work.
+    """
     if spec == TEST_TOKENIZER:
         return build_test_tokenizer()
-    return load_pretrained_tokenizer(spec, allow_download=allow_download)
+    return load_pretrained_tokenizer(spec, allow_download=allow_download, key=key)

@@ -190,3 +190,47 @@ def test_batched_fast_path_equals_the_offsets_rule(tok):
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         assert got.input_ids == enc["input_ids"]
         assert got.loss_mask == overlap_mask(enc["offset_mapping"], spans)
+
+
+# ----------------------------------------------------------------------------- the content policy
+
+
+@pytest.mark.parametrize(
+    ("content", "text"),
+    [
+        ("plain", "plain"),
+        ("", ""),
+        (None, ""),  # a missing content is empty text (then rejected as empty), never "None"
+        ([{"type": "text", "text": "a"}, {"type": "text", "text": "b", "cache_control": {}}], "a\nb"),
+        ([], ""),
+        ({"type": "text", "text": "a dict"}, None),
+        ([{"type": "image_url", "image_url": {"url": "u"}}], None),
+        ([{"type": "text", "text": "a"}, "b"], None),
+        ([{"type": "text", "text": 3}], None),
+        (3, None),
+        (2.5, None),
+        (True, None),
+    ],
+)
+def test_content_text_policy(content, text):
+    from alia_nemo.chatml import content_text
+
+    assert content_text(content) == text
+
+
+def test_checked_messages_joins_parts_and_names_non_text_content():
+    from alia_nemo.chatml import CONTENT_NOT_TEXT, checked_messages
+
+    parts = [{"type": "text", "text": "Hola"}, {"type": "text", "text": "com va?"}]
+    messages = [{"role": "user", "content": parts, "name": "x"}, {"role": "assistant", "content": "Bé."}]
+    assert checked_messages(messages, "c") == [
+        {"role": "user", "content": "Hola\ncom va?"},
+        {"role": "assistant", "content": "Bé."},
+    ]
+    with pytest.raises(ConversationError) as err:
+        checked_messages([{"role": "user", "content": {"a": 1}}, {"role": "assistant", "content": "b"}], "c")
+    assert err.value.reason == CONTENT_NOT_TEXT and "message 0 has a dict content that is not text" in str(err.value)
+    with pytest.raises(ConversationError, match="unknown role"):  # shape problems are validate_conversation's
+        checked_messages([{"role": "bot", "content": "x"}], "c")
+    with pytest.raises(ConversationError, match="must be a non-empty list"):
+        checked_messages("not a list", "c")

@@ -102,3 +102,38 @@ def test_prepare_builds_the_sample(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["totals"]["selected"] == 282 and out["totals"]["val"] == 18
     assert Path(out["prepared"], "manifest.json").is_file()
+
+
+def test_errors_are_one_line_with_their_exit_code_and_debug_shows_the_traceback(monkeypatch, capsys, tmp_path):
+    import errno
+
+    import alia_nemo.cli as cli
+    from alia_nemo.config_schema import ConfigError
+    from alia_nemo.engines import TrainingError
+
+    def failing(exc):
+        def fn(args):
+            raise exc
+
+        return fn
+
+    cases = [
+        (ConfigError("stage.lr: bad"), 2, "alia-nemo show: error: stage.lr: bad"),
+        (TrainingError("loss became nan at step 3"), 1, "alia-nemo show: failed: loss became nan at step 3"),
+        (OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt")), 2,
+         f"alia-nemo show: error: {tmp_path / 'ckpt'}: no space left on device; free space"),
+        (PermissionError(errno.EACCES, "Permission denied", "/scratch/x"), 2,
+         "alia-nemo show: error: /scratch/x: permission denied; choose a path you can write"),
+        (KeyError("boom"), 1, "alia-nemo show: internal error: KeyError: 'boom' (this is a bug in alia-nemo; rerun "
+         "with --debug"),
+    ]  # fmt: skip
+    for exc, code, line in cases:
+        monkeypatch.setattr(cli, "_cmd_show", failing(exc))
+        assert cli.main(["show"]) == code
+        err = capsys.readouterr().err
+        assert err.startswith(line) and err.count("\n") == 1 and "Traceback" not in err, err
+    assert cli.main(["show", "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.rstrip().splitlines()[-1].startswith(
+        "alia-nemo show: internal error: KeyError"
+    )

@@ -58,11 +58,16 @@ def test_export_loads_renders_our_template_and_stops_at_im_end(finished_stage, t
 
 
 def test_export_errors_name_the_problem(tmp_path):
+    src = tmp_path / "src"
+    with pytest.raises(ConfigError, match="src does not exist"):
+        export(src, tmp_path / "out")
+    src.mkdir()
     with pytest.raises(ConfigError, match="neither a run directory with final/"):
-        export(tmp_path, tmp_path / "out")
-    (tmp_path / "config.json").write_text("{}")
+        export(src, tmp_path / "out")
+    (src / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="no safetensors weights"):
-        export(tmp_path, tmp_path / "out")
+        export(src, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no out, no staging left behind
 
 
 def test_nemo_rl_checkpoints_use_nemo_rls_converters(tmp_path):

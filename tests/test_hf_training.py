@@ -25,15 +25,31 @@ def test_collator_pads_inputs_and_ignores_padding_in_labels():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
 
 
-def test_newest_complete_checkpoint_skips_partial_saves(tmp_path):
-    from alia_nemo.hf_training import CHECKPOINT_FILES
+def test_newest_complete_checkpoint_skips_partial_and_torn_saves(tmp_path):
+    run, tmp_path = tmp_path, tmp_path / "checkpoints"  # checkpoint-N live in run/checkpoints
+    import shutil
 
-    for step, files in ((5, CHECKPOINT_FILES), (10, CHECKPOINT_FILES), (15, CHECKPOINT_FILES[:2])):
-        d = tmp_path / f"checkpoint-{step}"
-        d.mkdir()
-        for f in files:
-            (d / f).write_text("x")
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from alia_nemo.architectures import get_spec
+
+    good = tmp_path / "checkpoint-5"
+    LlamaForCausalLM(get_spec("alia_tiny").hf_config(64)).save_pretrained(good)
+    torch.save({"state": {}}, good / "optimizer.pt")
+    torch.save({"last_epoch": 5}, good / "scheduler.pt")
+    (good / "trainer_state.json").write_text('{"global_step": 5}')
+    for step in (10, 15, 20):
+        shutil.copytree(good, tmp_path / f"checkpoint-{step}")
+    (tmp_path / "checkpoint-15" / "optimizer.pt").unlink()  # a save killed before its optimizer
+    weights = tmp_path / "checkpoint-20" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])  # torn: truncated weights
     assert newest_complete_checkpoint(tmp_path).name == "checkpoint-10"
+    assert (tmp_path / "checkpoint-20").is_dir()  # only looked at
+    assert newest_complete_checkpoint(tmp_path, move_aside=True).name == "checkpoint-10"
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    moved = sorted(p.name.rsplit("-", 1)[0] for p in (run / "incomplete-checkpoints").iterdir())
+    assert moved == ["checkpoint-15", "checkpoint-20"]
     assert newest_complete_checkpoint(tmp_path / "absent") is None
 
 

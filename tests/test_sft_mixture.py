@@ -291,7 +291,8 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path):
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert [p.name for p in root.iterdir() if not p.name.startswith(".tmp-")] == []  # nothing looks complete
+    # nothing looks complete: only the killed build's temporary directory and its (now stale) lock are there
+    assert [p.name for p in root.iterdir() if not p.name.startswith((".tmp-", ".lock-"))] == []
 
     done = subprocess.run([sys.executable, "-c", PREPARE_SCRIPT, arg], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

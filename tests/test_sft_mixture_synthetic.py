@@ -14,10 +14,10 @@ import pytest
 from alia_nemo.config_compose import load_config
 from alia_nemo.config_schema import LANGUAGES, MixtureConfig
 from alia_nemo.sft_mixture import load_prepared, prepare_mixture
+from alia_nemo.sft_sources import ONE_TO_ONE_ADAPTERS
 from tests.source_fixtures import raw_rows
 
 SCALE = 0.03
-ONE_TO_ONE = {"aya_dataset", "dolly", "no_robots", "openr1_math", "rag_multilingual", "towerblocks", "messages"}
 
 
 def _write_parquet(path, rows):
@@ -68,15 +68,15 @@ def test_full_synthetic_prepare_balances(synthetic, tok):
     totals = manifest["totals"]
     assert totals["requested"] == requested
     assert totals["requested"] == totals["selected"] + totals["shortfall"] + totals["repeated"]
-    assert totals["shortfall"] == 0 and totals["repeated"] == 0
+    assert totals["shortfall"] == 0 and totals["repeated"] == 0 and totals["val_shortfall"] == 0
     for name, report in manifest["datasets"].items():
         entry = synthetic.datasets[name]
         for lang, s in report["languages"].items():
             assert s["selected"] == entry.counts[lang], (name, lang, s)
-            assert s["val"] == math.ceil(entry.counts[lang] * 0.01)
+            assert s["val"] == s["val_requested"] == math.ceil(entry.counts[lang] * 0.01) and not s["val_shortfall"]
             # every converted conversation is selected, held out, dropped with a reason, or unused
             assert s["converted"] == s["selected"] + s["val"] + sum(s["dropped"].values()) + s["unselected"]
-        if entry.adapter in ONE_TO_ONE:
+        if entry.adapter in ONE_TO_ONE_ADAPTERS:
             converted = sum(s["converted"] for s in report["languages"].values())
             # every input row became a conversation or was dropped by its adapter with a reason
             assert report["input_rows"] == converted + sum(report["adapter_drops"].values()), name

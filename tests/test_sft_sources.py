@@ -15,6 +15,7 @@ from alia_nemo.sft_sources import (
     ADAPTERS,
     FLORES_SOURCE_PHRASES,
     FLORES_TEMPLATES,
+    ONE_TO_ONE_ADAPTERS,
     flores_source_language,
     flores_source_languages,
     normalise_language,
@@ -103,8 +104,9 @@ def test_aya_exact_output_and_drops():
     assert out[1]["messages"] == msgs(("user", "What is two plus two?"), ("assistant", "Two plus two is four."))
     assert all(r["source"] == "aya-dataset" and r["id"].startswith("aya-") for r in out)
     assert len({r["id"] for r in out}) == 2
-    # the German row is not wanted, so not counted
+    # the German row is outside the mixture's languages: counted, like every row that is not converted
     assert drops == {
+        ("unknown", "unknown_language"): 1,
         ("eu", "empty response"): 1,
         ("ca", "empty prompt"): 1,
         ("ca", "duplicate conversation"): 1,
@@ -114,7 +116,14 @@ def test_aya_exact_output_and_drops():
 
 def test_aya_language_filter_and_determinism():
     out, drops = run("aya_dataset", AYA_ROWS, languages=("en",))
-    assert [r["language"] for r in out] == ["en"] and not drops
+    assert [r["language"] for r in out] == ["en"]
+    assert drops == {
+        ("ca", "language_not_requested"): 3,
+        ("es", "language_not_requested"): 1,
+        ("eu", "language_not_requested"): 1,
+        ("unknown", "unknown_language"): 1,
+    }
+    assert len(out) + sum(drops.values()) == len(AYA_ROWS)  # rows in == converted + dropped
     assert run("aya_dataset", AYA_ROWS) == run("aya_dataset", copy.deepcopy(AYA_ROWS))
 
 
@@ -145,7 +154,7 @@ def test_coqcat_exact_output_and_drops():
 
 
 def test_coqcat_language_filter_and_ids():
-    assert run("coqcat", COQCAT_ROWS, languages=("es", "en")) == ([], collections.Counter())
+    assert run("coqcat", COQCAT_ROWS, languages=("es", "en")) == ([], {("ca", "language_not_requested"): 6})
     out, _ = run("coqcat", COQCAT_ROWS)
     again, _ = run("coqcat", copy.deepcopy(COQCAT_ROWS))
     assert [r["id"] for r in out] == [r["id"] for r in again]
@@ -178,7 +187,8 @@ def test_dolly_needs_language_option():
 
 
 def test_dolly_language_filter():
-    assert run("dolly", DOLLY_ROWS, languages=("en", "es"), options={"language": "ca"}) == ([], collections.Counter())
+    out, drops = run("dolly", DOLLY_ROWS, languages=("en", "es"), options={"language": "ca"})
+    assert out == [] and drops == {("ca", "language_not_requested"): len(DOLLY_ROWS)}
     out, _ = run("dolly", DOLLY_ROWS, languages=("es",), options={"language": "es"})
     assert len(out) == 3 and {r["language"] for r in out} == {"es"}
 
@@ -304,7 +314,7 @@ def test_no_robots_exact_output_and_drops():
     assert out[0]["id"] == "no_robots-p1" and out[0]["language"] == "en"
     assert out[0]["messages"] == NO_ROBOTS_ROWS[0]["messages"]
     assert drops == {("en", "system turn not first"): 1, ("en", "invalid turn order"): 1, ("en", "unknown role"): 1}
-    assert run("no_robots", NO_ROBOTS_ROWS, languages=("ca",)) == ([], collections.Counter())
+    assert run("no_robots", NO_ROBOTS_ROWS, languages=("ca",)) == ([], {("en", "language_not_requested"): 4})
 
 
 # ----------------------------------------------------------------------------------------- oasst2
@@ -354,7 +364,7 @@ def test_openr1_math_exact_output_and_drops():
     assert out[0]["messages"] == OPENR1_ROWS[0]["messages"]
     assert out[0]["messages"][1]["content"].startswith("<think>\n2+3 is five.")
     assert drops == {("en", "no messages"): 1, ("en", "empty message"): 1}
-    assert run("openr1_math", OPENR1_ROWS, languages=("es",)) == ([], collections.Counter())
+    assert run("openr1_math", OPENR1_ROWS, languages=("es",)) == ([], {("en", "language_not_requested"): 3})
 
 
 # ------------------------------------------------------------------------------- rag_multilingual
@@ -366,9 +376,19 @@ def test_rag_multilingual_exact_output_and_drops():
     assert out[0]["messages"] == msgs(
         ("user", "El club es va fundar el 1899.\n\nQuan es va fundar el club?"), ("assistant", "Es va fundar el 1899.")
     )
-    assert drops == {("es", "empty context"): 1, ("es", "empty response"): 1, ("es", "empty instruction"): 1}
+    assert drops == {
+        ("es", "empty context"): 1,
+        ("es", "empty response"): 1,
+        ("es", "empty instruction"): 1,
+        ("unknown", "unknown_language"): 1,
+    }
     out, drops = run("rag_multilingual", RAG_ROWS, languages=("en",))
-    assert [r["language"] for r in out] == ["en"] and not drops
+    assert [r["language"] for r in out] == ["en"]
+    assert drops == {
+        ("ca", "language_not_requested"): 1,
+        ("es", "language_not_requested"): 3,
+        ("unknown", "unknown_language"): 1,
+    }
 
 
 # ------------------------------------------------------------------------------------ towerblocks
@@ -388,6 +408,7 @@ def test_towerblocks_exact_output_and_drops():
         ("en", "excluded sub-dataset (licence)"): 1,
         ("pt", "unknown role"): 1,
         ("unknown", "unrecognised language"): 1,
+        ("unknown", "unknown_language"): 1,
     }
 
 
@@ -395,7 +416,7 @@ def test_towerblocks_language_and_exclusion_options():
     assert towerblocks_language("en-es") == "es" and towerblocks_language("pt") == "pt"
     out, drops = run("towerblocks", TOWER_ROWS[:3], languages=("en",))
     assert [r["messages"][-1]["content"] for r in out] == ["Hi!", "Hello"]  # nothing excluded without the option
-    assert not drops
+    assert drops == {("es", "language_not_requested"): 1}
 
 
 # ------------------------------------------------------------------------------- wildchat_prompts
@@ -409,9 +430,11 @@ def test_wildchat_prompts_extracts_first_user_turn():
         ("en", "redacted"): 1,
         ("en", "empty prompt"): 1,
         ("en", "no user turn"): 1,
+        ("unknown", "unknown_language"): 1,
     }
     out, drops = run("wildchat_prompts", WILDCHAT_ROWS, languages=("es",))
-    assert [r["id"] for r in out] == ["h-es"] and drops == {("es", "toxic"): 1}
+    assert [r["id"] for r in out] == ["h-es"]
+    assert drops == {("es", "toxic"): 1, ("en", "language_not_requested"): 3, ("unknown", "unknown_language"): 1}
 
 
 # --------------------------------------------------------------------------------------- messages
@@ -427,7 +450,8 @@ def test_messages_exact_output_and_drops():
     }
     assert out[1]["language"] == "en" and out[1]["id"].startswith("self-identity-")
     assert len(out) == 2
-    assert drops == {("es", "invalid turn order"): 1, ("en", "unknown role"): 1}  # French row: not wanted
+    # the French row is outside the mixture's languages: counted, not skipped
+    assert drops == {("es", "invalid turn order"): 1, ("en", "unknown role"): 1, ("unknown", "unknown_language"): 1}
 
 
 def test_messages_missing_language_is_dropped():
@@ -493,3 +517,33 @@ def test_wildchat_raw_rows_give_prompts_and_drops():
     assert drops[next(k for k in drops if k[1] == "toxic")] > 0
     assert all(set(r) == {"id", "source", "language", "prompt"} and r["prompt"] for r in out)
     assert len({r["id"] for r in out}) == len(out)
+
+
+# ------------------------------------------------------------------------ content policy, balance
+
+
+def test_message_content_policy_is_the_chatml_one():
+    parts = [{"type": "text", "text": "Hola"}, {"type": "text", "text": "com va?"}]
+    rows = [
+        {"id": "p", "language": "ca", "messages": msgs(("user", "x"), ("assistant", "y"))},
+        {"id": "l", "language": "ca", "messages": [{"role": "user", "content": parts}, *msgs(("assistant", "Bé."))]},
+        {"id": "d", "language": "ca", "messages": [{"role": "user", "content": {"t": 1}}, *msgs(("assistant", "b"))]},
+        {"id": "n", "language": "ca", "messages": [{"role": "user", "content": 7}, *msgs(("assistant", "b"))]},
+    ]
+    out, drops = run("messages", rows, source="s")
+    assert [r["id"] for r in out] == ["s-p", "s-l"] and out[1]["messages"][0]["content"] == "Hola\ncom va?"
+    assert drops == {("ca", "content_not_text"): 2}  # never str() of the structure
+    aya = [{"inputs": ["not", "text"], "targets": "t", "language_code": "cat"},
+           {"inputs": "q", "targets": {"a": 1}, "language_code": "cat"}]  # fmt: skip
+    assert run("aya_dataset", aya) == ([], {("ca", "content_not_text"): 2})
+    dolly = [{"instruction": "i", "context": 5, "response": "r"}]
+    assert run("dolly", dolly, options={"language": "ca"}) == ([], {("ca", "content_not_text"): 1})
+
+
+@pytest.mark.parametrize("adapter", sorted(ONE_TO_ONE_ADAPTERS))
+def test_one_to_one_adapters_count_every_row_they_do_not_convert(adapter):
+    # Rows of every mixture language, asked for only two: the others are counted, not skipped.
+    rows = raw_rows(adapter, 60, languages=LANGUAGES)
+    for languages in (LANGUAGES, ("ca", "es"), ("eu",)):
+        out, drops = run(adapter, rows, languages=languages, options=OPTIONS.get(adapter))
+        assert len(out) + sum(drops.values()) == len(rows), (adapter, languages)

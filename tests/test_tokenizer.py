@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from alia_nemo.tokenizer import (
@@ -63,3 +65,35 @@ def test_wrong_layout_is_rejected():
 
     with pytest.raises(TokenizerError, match="expected ALIA's"):
         check_layout(Fake())
+
+
+@pytest.mark.parametrize("shape", ["abs", "./toks/alia", "../alia", "~/alia-tok", "scratch/me/alia", "a-file", "empty"])
+def test_local_tokenizer_path_that_does_not_hold_one_is_named(shape, tmp_path, monkeypatch):
+    """A missing local tokenizer path used to go to the hub lookup ("not in the Hugging Face cache", hf download):
+    now the error names the setting, the path and the fix."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    value = {"abs": str(tmp_path / "gone"), "a-file": "a-file", "empty": "empty"}.get(shape, shape)
+    why = "does not exist"
+    if shape == "a-file":
+        (tmp_path / "a-file").write_text("{}")
+        why = "is a file, not a directory"
+    if shape == "empty":
+        (tmp_path / "empty").mkdir()
+        why = "has none of tokenizer.json, tokenizer_config.json, tokenizer.model"
+    with pytest.raises(TokenizerError, match=rf"^model.tokenizer={re.escape(value)}: the local path .* {why}; set"):
+        load_tokenizer(value, allow_download=True)
+    with pytest.raises(TokenizerError, match=rf"^--tokenizer={re.escape(value)}: the local path"):
+        load_tokenizer(value, key="--tokenizer")
+
+
+def test_export_names_a_missing_tokenizer_path(tmp_path, capsys):
+    from alia_nemo.cli import main
+    from tests.helpers import save_peaked_tiny_model
+
+    save_peaked_tiny_model(tmp_path / "run" / "final")  # no tokenizer in it: --tokenizer is needed
+    assert main(["export", "--from", str(tmp_path / "run"), "--out", str(tmp_path / "hf"),
+                 "--tokenizer", str(tmp_path / "tok")]) == 2  # fmt: skip
+    tok = tmp_path / "tok"
+    assert f"alia-nemo export: error: --tokenizer={tok}: the local path {tok} does not exist" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written, no staging left

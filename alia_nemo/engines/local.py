@@ -9,11 +9,105 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from alia_nemo.config_compose import to_yaml
 from alia_nemo.config_schema import AliaConfig, ConfigError
+from alia_nemo.run_dir import LOCK_NAME, run_path
+
+# How often a worker checks that the driver (``alia-nemo train``) still runs.
+DRIVER_CHECK_S = 2.0
+# A remote worker gives up on a driver whose lock has not been refreshed (the driver's DirLock does so every
+# few seconds) for this long, by the worker's own clock: generous, as NFS may show a new mtime a minute late.
+DRIVER_STALE_S = 180.0
+_watchdog_started = False
+
+
+def _process_state(pid: int) -> str | None:
+    """The one-letter state of ``pid`` in /proc (``Z`` for a zombie); None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+class DriverWatch:
+    """Tells whether the driver that started this worker is gone.
+
+    ``driver`` is the driver's :func:`alia_nemo.locks.identity`. On the driver's host and PID namespace its PID
+    tells: gone once it no longer runs the same process (a PID reused by another process, or a killed driver
+    not yet reaped, counts as gone). Elsewhere the run directory's lock (``lock_path``, which the driver holds
+    and refreshes for the whole run) does: gone when another process holds it now, or when its mtime has not
+    changed for ``stale_s`` seconds of this worker's own clock (clocks of other hosts do not matter). Without
+    a lock file a remote worker can not tell, and keeps going.
+    """
+
+    def __init__(self, driver: dict[str, Any], lock_path: Path, stale_s: float = DRIVER_STALE_S):
+        self.driver = driver
+        self.lock_path = Path(lock_path)
+        self.stale_s = stale_s
+        self._beat: tuple[float, float] | None = None  # (lock mtime last seen, monotonic time it was first seen)
+
+    def gone(self) -> str | None:
+        """Why the driver is gone, or None while it may still run."""
+        from alia_nemo.locks import holder_alive, identity, read_lock
+
+        me = identity()
+        if (self.driver.get("host"), self.driver.get("pid_namespace")) == (me["host"], me["pid_namespace"]):
+            if not holder_alive(self.driver) or _process_state(self.driver["pid"]) in (None, "Z", "X"):
+                return f"PID {self.driver['pid']} no longer runs"
+            return None
+        try:
+            mtime = self.lock_path.stat().st_mtime
+        except FileNotFoundError:
+            self._beat = None
+            return None
+        info = read_lock(self.lock_path) or {}
+        keys = ("host", "pid", "pid_namespace", "start_ticks")
+        if "pid" in info and any(info.get(k) != self.driver.get(k) for k in keys):  # an unreadable one: by mtime
+            return f"{self.lock_path} is held by another process (PID {info.get('pid')} on {info.get('host')})"
+        now = time.monotonic()
+        if self._beat is None or self._beat[0] != mtime:
+            self._beat = (mtime, now)
+        elif now - self._beat[1] > self.stale_s:
+            return f"its lock {self.lock_path} has not been refreshed for {now - self._beat[1]:.0f} s"
+        return None
+
+
+def start_driver_watchdog(driver: dict[str, Any], lock_path: Path, interval_s: float = DRIVER_CHECK_S) -> None:
+    """Exit this worker process (status 1) as soon as :class:`DriverWatch` says the driver is gone.
+
+    Ray itself usually takes a dead driver's workers down (Ray 2.60 on Linux: the embedded gcs_server and raylet
+    die with the driver, a cluster's GCS kills the dead job's actors; about 2 s either way), but nothing here
+    may rely on it: workers outliving their driver (a worker cut off from the GCS, another Ray version or
+    platform) would keep training and write checkpoints and ``final/`` into a run nobody watches any more, or
+    one a new ``train`` has taken over. ``os._exit``, not an exception: the training thread must stop at once,
+    wherever it is.
+    """
+    global _watchdog_started
+    if _watchdog_started:  # one per process, should Ray run the loop again in it
+        return
+    _watchdog_started = True
+    watch = DriverWatch(driver, lock_path)
+
+    def run() -> None:
+        while True:
+            time.sleep(interval_s)
+            try:
+                why = watch.gone()
+            except Exception:  # a failed check must never stop a healthy run
+                continue
+            if why:
+                print(
+                    f"[alia-nemo] the driver (PID {driver.get('pid')} on {driver.get('host')}) is gone ({why}): "
+                    f"stopping worker PID {os.getpid()}",
+                    flush=True,
+                )
+                os._exit(1)
+
+    threading.Thread(target=run, name="alia-driver-watchdog", daemon=True).start()
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -22,6 +116,8 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     from alia_nemo.hf_training import train_sft
 
+    if config.get("driver"):
+        start_driver_watchdog(config["driver"], Path(config["output_dir"], LOCK_NAME))
     cfg = AliaConfig.model_validate(config["cfg"])
     metrics = train_sft(
         cfg,
@@ -35,6 +131,11 @@ def _train_loop(config: dict[str, Any]) -> None:
         Path(config["output_dir"], "train_result.json").write_text(json.dumps(metrics, indent=2))
 
 
+def _ray_address(cfg: AliaConfig) -> str | None:
+    """The external cluster to run on (``engine.ray_address``, else ``RAY_ADDRESS``); None for an embedded one."""
+    return cfg.engine.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
 def _init_ray(cfg: AliaConfig) -> bool:
     """Connect to the configured cluster or start an embedded one; True when this call connected."""
     import ray
@@ -44,16 +145,17 @@ def _init_ray(cfg: AliaConfig) -> bool:
     # Ray Train 2.60 re-routes print() through a logger that also writes to the console: every worker
     # line would reach the driver twice.
     runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
-    address = cfg.engine.ray_address or os.environ.get("RAY_ADDRESS")
+    address = _ray_address(cfg)
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         return True
-    # Embedded: a loopback node address and no dashboard. Ray's own gRPC ports still listen on every
-    # interface (Ray can not be confined to loopback); Ray >= 2.60 puts token authentication on them.
+    # Embedded: no dashboard; the workers' torch rendezvous (store, gloo) stays on 127.0.0.1 (alia_nemo.rendezvous).
+    # Ray itself can not be confined to loopback: its own gRPC ports (GCS, raylet, object manager, each worker's
+    # core-worker server) listen on every interface, and it even turns _node_ip_address="127.0.0.1" into the
+    # machine's outward address. Ray >= 2.60 puts token authentication on those ports (RAY_AUTH_MODE).
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(cfg.engine.num_workers * cfg.engine.cpus_per_worker)),
         include_dashboard=False,
-        _node_ip_address="127.0.0.1",
         log_to_driver=True,
         configure_logging=False,
         runtime_env=runtime_env,
@@ -92,7 +194,9 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from alia_nemo.locks import identity
     from alia_nemo.plots import plot_loss, read_metrics
+    from alia_nemo.rendezvous import BoundTorchConfig
     from alia_nemo.sft_data import prepare_data
     from alia_nemo.tokenizer import load_tokenizer
 
@@ -101,15 +205,15 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model.tokenizer, allow_download=cfg.model.allow_download)
     data = prepare_data(cfg, tokenizer)
 
-    out = Path(cfg.run.output_dir).resolve()
+    out = run_path(cfg)  # locked and its config.yaml written by run_dir.open_run (run_stage)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
     tokenizer_dir = out / "tokenizer"
     tokenizer.save_pretrained(str(tokenizer_dir))
     (out / "data_report.json").write_text(json.dumps(data.report, indent=2))
     print(f"[alia-nemo] data: {json.dumps(data.report)}")
 
     connected = _init_ray(cfg)
+    embedded = connected and _ray_address(cfg) is None  # all workers on this machine: rendezvous on loopback
     ray_cluster = ray.get_runtime_context().gcs_address
     try:
         trainer = TorchTrainer(
@@ -120,7 +224,9 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
                 "val": data.val,
                 "tokenizer_dir": str(tokenizer_dir),
                 "output_dir": str(out),
+                "driver": identity(),  # the workers stop when this process is gone (start_driver_watchdog)
             },
+            torch_config=BoundTorchConfig(loopback=embedded),
             scaling_config=ScalingConfig(
                 num_workers=cfg.engine.num_workers,
                 use_gpu=cfg.engine.use_gpu,
@@ -128,7 +234,15 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
             ),
             run_config=RunConfig(name="train", storage_path=str(out / "ray")),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Exception as exc:  # a worker's own error (non-finite loss, disk full), not Ray's wrapper
+            from alia_nemo.engines import explain_failure
+
+            cause = explain_failure(exc, out)
+            if cause is exc:
+                raise
+            raise cause from exc
     finally:
         if connected:  # stops an embedded cluster; only disconnects from an external one
             ray.shutdown()

@@ -25,7 +25,8 @@ from typing import Any
 import yaml
 
 from alia_nemo.config_schema import AliaConfig, ConfigError
-from alia_nemo.engines import TrainingError
+from alia_nemo.engines import TrainingError, explain_failure, nonfinite_error
+from alia_nemo.run_dir import run_path
 
 CONFIG_NAME = "nemo_rl_sft.yaml"
 METRICS = "metrics.jsonl"
@@ -123,11 +124,7 @@ class MetricsRecorder:
             f.write(json.dumps(row) + "\n")
         loss = row.get("loss", row.get("eval_loss"))
         if not math.isfinite(loss):
-            raise TrainingError(
-                f"{'training' if 'loss' in row else 'validation'} loss became {loss} at step {step}; stopped there "
-                "and wrote no final/. Checkpoints from this step on may hold non-finite weights: lower stage.lr, "
-                "check stage.adam_eps / stage.grad_clip and the data, and start a new run.output_dir"
-            )
+            raise nonfinite_error(self.path.parent, "training loss" if "loss" in row else "validation loss", loss, step)
 
     def log_hyperparams(self, params: Any) -> None:
         pass
@@ -206,6 +203,30 @@ def connect_ray(master: Any, ray_address: str | None = None) -> None:
         )
 
 
+def set_aside_broken_checkpoints(checkpoint_dir: Path, output_dir: Path) -> None:
+    """Move NeMo-RL ``step_N`` checkpoints that would not load, newest first, out of its way.
+
+    NeMo-RL resumes from the highest ``step_N`` whatever its state; a torn one (full disk, killed mid-write,
+    truncated copy) crashes the resume. They go to ``output_dir/incomplete-checkpoints/`` (kept, never
+    deleted), so NeMo-RL resumes from the newest sound one.
+    """
+    import re
+    import time
+
+    from alia_nemo.checkpoints import checkpoint_problem
+
+    steps = [p for p in checkpoint_dir.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir()]
+    for step in sorted(steps, key=lambda p: int(p.name.split("_")[1]), reverse=True):
+        problem = checkpoint_problem(step)
+        if problem is None:
+            return
+        aside = output_dir / "incomplete-checkpoints" / f"{step.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        step.rename(aside)
+        print(f"[alia-nemo] checkpoint {step} is incomplete ({problem}); moved it to {aside} and resume from "
+              "the previous one", flush=True)  # fmt: skip
+
+
 def train_compiled(
     config: dict[str, Any], output_dir: Path, ray_address: str | None = None, title: str = ""
 ) -> dict[str, Any]:
@@ -226,6 +247,7 @@ def train_compiled(
     shim = str(package_path_dir(out))
     os.environ["PYTHONPATH"] = os.pathsep.join([shim, *(p for p in paths if p != shim)])
     master = MasterConfig(**config)
+    set_aside_broken_checkpoints(Path(master.checkpointing["checkpoint_dir"]), out)
     master.logger["log_dir"] = get_next_experiment_dir(master.logger["log_dir"])
     connect_ray(master, ray_address)
     tokenizer = get_tokenizer(master.policy["tokenizer"])
@@ -244,6 +266,11 @@ def train_compiled(
         val_loader = MaskedRows(val_loader, "validation", val.dataset, out / MASKED)
     try:
         sft_train(policy, train_loader, val_loader, tokenizer, loss_fn, master, logger, checkpointer, state)
+    except Exception as exc:  # a worker's own error (a full disk while checkpointing), not Ray's wrapper
+        cause = explain_failure(exc, out)
+        if cause is exc:
+            raise
+        raise cause from exc
     finally:
         # Free the workers and their GPU bundles: the next stage of a pipeline runs in this process.
         policy.shutdown()
@@ -316,19 +343,13 @@ def write_final(output_dir: Path) -> Path:
     info = final / EXPORT_INFO
     if info.is_file() and json.loads(info.read_text()).get("source") == str(step_dir):
         return final
-    return export(step_dir, final)
+    return export(step_dir, final, force=True)  # replaces only our own earlier final/ (marked by export)
 
 
 def run_nemo_rl(cfg: AliaConfig) -> dict[str, Any]:
     """Compile, connect to Ray, build tokenizer and data, train with NeMo-RL, write ``final/``."""
     require_nemo_rl()
-    out = Path(cfg.run.output_dir).expanduser().resolve()
-    checkpoints = out / "checkpoints"
-    if not cfg.run.resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
-        raise ConfigError(
-            f"{checkpoints} holds checkpoints and run.resume=false; NeMo-RL would resume from them anyway. "
-            "Pick a new run.output_dir, or set run.resume=true to continue"
-        )
+    out = run_path(cfg)  # locked, and checked against resuming under another configuration, by run_dir.open_run
     _, config = write_run_config(cfg, out)
     title = f"{cfg.stage.name} / {cfg.model.arch} (NeMo-RL)"
     return train_compiled(config, out, getattr(cfg.engine, "ray_address", None), title)

@@ -30,13 +30,24 @@ def _decode(batch: dict[str, list]) -> dict[str, list]:
     return batch
 
 
+def shard_files(directory: Path, names: list[str], kind: str = "prepared mixture") -> list[str]:
+    """The shard paths a manifest lists, each one checked to be a file inside ``directory``."""
+    files = [str(directory / n) for n in names]
+    outside = [n for n in names if not isinstance(n, str) or Path(n).name != n]
+    if outside:  # a manifest names its own shards only: a path elsewhere means it was edited or is corrupt
+        raise AliaDataError(
+            f"{kind} {directory} lists shards outside it: {outside}; rebuild it with `alia-nemo prepare`"
+        )
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise AliaDataError(f"{kind} {directory} lacks {missing}; rebuild it with `alia-nemo prepare`")
+    return files
+
+
 def _load_split(directory: Path, names: list[str], task_name: str):
     import datasets
 
-    files = [str(directory / n) for n in names]
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise AliaDataError(f"prepared mixture {directory} lacks {missing}; rebuild it with `alia-nemo prepare`")
+    files = shard_files(directory, names)
     ds = datasets.Dataset.from_parquet(files, columns=["id", "source", "language", "messages"])
     ds = ds.add_column("task_name", [task_name] * len(ds))
     ds.set_transform(_decode)  # JSON -> list of messages when a row is read, not for the whole set up front
@@ -89,10 +100,17 @@ class PreparedRawDataset:
                 "`alia-nemo prepare <overrides>` and compile again (alia-nemo compile fills in the path)"
             )
         self.data_path = str(directory)
-        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        try:
+            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
+            train_files = self.manifest["files"]["train"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AliaDataError(
+                f"{manifest_path} is corrupt ({type(exc).__name__}: {exc}); delete {directory} and run "
+                "`alia-nemo prepare` again"
+            ) from None
         self.task_name = task_name or self.DEFAULT_TASK
         self.processor_name = kwargs.get("processor") or self.PROCESSOR
-        self.dataset = self.load_split(directory, self.manifest["files"]["train"], self.task_name)
+        self.dataset = self.load_split(directory, train_files, self.task_name)
         val_files = self.manifest["files"].get("val") or []
         use_val = use_validation and val_files
         self.val_dataset = self.load_split(directory, val_files, self.task_name) if use_val else None

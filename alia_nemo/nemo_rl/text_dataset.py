@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alia_nemo.nemo_rl.dataset import PreparedRawDataset
+from alia_nemo.nemo_rl.dataset import PreparedRawDataset, shard_files
 
 TEXT_PROCESSOR_NAME = "alia_text_processor"
 
@@ -21,7 +21,7 @@ TEXT_PROCESSOR_NAME = "alia_text_processor"
 def _load_windows(directory: Path, names: list[str], task_name: str):
     import datasets
 
-    files = [str(directory / n) for n in names]
+    files = shard_files(directory, names, "packed corpus")
     ds = datasets.Dataset.from_parquet(files, columns=["input_ids", "valid_length", "doc_starts", "continues"])
     return ds.add_column("task_name", [task_name] * len(ds))
 

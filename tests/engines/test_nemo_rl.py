@@ -66,3 +66,37 @@ def test_masked_rows_are_recorded_where_batches_are_consumed(tmp_path):
     }
     assert masked_report(tmp_path / "none.jsonl") == {
         "train": {"conversations": 0, "ids": []}, "validation": {"conversations": 0, "ids": []}}  # fmt: skip
+
+
+def _nemo_rl_step(checkpoints, step: int) -> None:
+    """A NeMo-RL-shaped ``step_N``: DCP weights and optimizer under policy/, training_info.json."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    d = checkpoints / f"step_{step}"
+    for part in ("weights", "optimizer"):
+        dcp.save({"w": torch.full((64, 64), float(step))}, checkpoint_id=str(d / "policy" / part), no_dist=True)
+    (d / "training_info.json").write_text(json.dumps({"total_steps": step}))
+
+
+def test_a_torn_newest_nemo_rl_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp_path, capsys):
+    from alia_nemo.engines.nemo_rl import set_aside_broken_checkpoints
+
+    ckpts = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        _nemo_rl_step(ckpts, step)
+    for name in ("step_6", "step_4"):  # both newest torn: a truncated shard, a missing .metadata
+        shard = next((ckpts / name / "policy" / "weights").glob("*.distcp"))
+        if name == "step_6":
+            shard.write_bytes(shard.read_bytes()[:100])
+        else:
+            (ckpts / name / "policy" / "optimizer" / ".metadata").unlink()
+    set_aside_broken_checkpoints(ckpts, tmp_path)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_2"]  # what NeMo-RL's get_latest_checkpoint_path sees
+    aside = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "incomplete-checkpoints").iterdir())
+    assert aside == ["step_4", "step_6"]  # kept for inspection, not deleted
+    out = capsys.readouterr().out
+    assert "step_6 is incomplete" in out and "truncated" in out and "step_4 is incomplete" in out
+    set_aside_broken_checkpoints(ckpts, tmp_path)  # a sound newest checkpoint: nothing moves
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_2"]

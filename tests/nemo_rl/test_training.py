@@ -85,8 +85,9 @@ def test_train_resumes_from_its_checkpoint_and_ends_with_a_final_hf_model(interr
     assert (run / "loss.png").is_file() and "eval_loss" in train
     # final/: the newest checkpoint through NeMo-RL's converter, a Hugging Face directory with our template.
     final = run / "final"
-    assert json.loads((final / "alia_export.json").read_text()) == {
-        "source": str(run / "checkpoints" / "step_34"), "step": 34}  # fmt: skip
+    info = json.loads((final / "alia_export.json").read_text())
+    assert (info["source"], info["step"]) == (str(run / "checkpoints" / "step_34"), 34)
+    assert sorted(info["files"]) == sorted(p.name for p in final.iterdir())  # what export wrote, and only that
     assert (final / "model.safetensors").is_file() and not (final / "pytorch_model.bin").exists()
     model = AutoModelForCausalLM.from_pretrained(final)
     tok = AutoTokenizer.from_pretrained(final)
@@ -105,10 +106,12 @@ def test_train_resumes_from_its_checkpoint_and_ends_with_a_final_hf_model(interr
 def test_rerun_of_a_finished_run_keeps_final(interrupted_train):
     run, *_ = interrupted_train
     before = (run / "final" / "model.safetensors").stat().st_mtime_ns
+    summary = (run / "summary.json").read_text()
     again = _cli(["train", f"recipe={TINY}", *HARNESS, f"run.output_dir={run}", "run.save_every=3"])
     assert again.returncode == 0, again.stderr[-3000:]
-    train = json.loads((run / "summary.json").read_text())["train"]
-    assert train["resumed_from"] == "step_34" and train["global_step"] == 34  # nothing left to train
+    assert "is a finished run (summary.json, final/): nothing to do" in again.stdout
+    assert "done: 34 steps" in again.stdout
+    assert (run / "summary.json").read_text() == summary  # nothing trained, nothing rewritten
     assert (run / "final" / "model.safetensors").stat().st_mtime_ns == before
 
 
@@ -235,12 +238,29 @@ def test_overlong_conversations_are_counted_exactly_with_dataloader_workers(ray_
 
 
 def test_a_run_whose_loss_goes_non_finite_fails_without_final(ray_gpu_head, tmp_path):
+    # A starting model with a non-finite weight (stage.lr=inf and the like are refused by the schema).
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from alia_nemo.architectures import get_spec
+
+    start = tmp_path / "nan-start"
+    model = LlamaForCausalLM(get_spec("alia_tiny").hf_config(256))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(start)
+    from alia_nemo.tokenizer import load_tokenizer
+
+    load_tokenizer("builtin:test").save_pretrained(start)
     out = tmp_path / "diverged"
-    proc = _cli(["train", f"recipe={TINY}", *HARNESS, "stage.lr=1e30", "stage.warmup_steps=0", "stage.max_steps=6",
-                 f"run.output_dir={out}"])  # fmt: skip
+    start_args = [f"model.pretrained={start}", f"model.tokenizer={start}", "stage.max_steps=6"]
+    proc = _cli(["train", f"recipe={TINY}", *HARNESS, *start_args, f"run.output_dir={out}"])
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "loss became nan" in proc.stderr or "loss became inf" in proc.stderr
+    assert "failed: training loss became nan at step 1; stopped there and wrote no final/" in proc.stderr
     assert not (out / "final").exists()
+    assert json.loads((out / "nonfinite.json").read_text())["step"] == 1
+    again = _cli(["train", f"recipe={TINY}", *HARNESS, *start_args, f"run.output_dir={out}"])
+    assert again.returncode == 2 and "is a run whose loss went non-finite" in again.stderr
 
 
 def test_a_cluster_without_the_gpus_the_run_needs_is_refused_at_once(ray_gpu_head, tmp_path):
