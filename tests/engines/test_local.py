@@ -135,16 +135,17 @@ def test_cpu_run_refuses_models_that_cannot_fit(arch, fits):
 
 
 def test_runs_on_an_existing_ray_cluster(tmp_path, monkeypatch):
-    import secrets
     import socket
     import tempfile
 
-    # Token authentication, as on a real cluster, for the head and this driver alike (without it the outcome
-    # depended on whether an earlier test's embedded Ray had switched this process to token mode).
-    token = tmp_path / "ray_token"
-    token.write_text(secrets.token_hex(32))
+    # Token authentication for the head and this driver alike, from Ray's default token file (the one an
+    # embedded Ray of an earlier test in this process uses too); without it the outcome depended on test order.
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    if not (Path.home() / ".ray" / "auth_token").is_file():
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], check=True,
+                       capture_output=True)  # fmt: skip
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -163,11 +164,10 @@ def test_runs_on_an_existing_ray_cluster(tmp_path, monkeypatch):
                 break
             assert head.poll() is None, "ray head exited"
             time.sleep(1)
-        run = tmp_path / "run"
-        cfg = load_config([f"engine.ray_address=127.0.0.1:{port}", "stage.max_steps=3", f"run.output_dir={run}"])
+        cfg = load_config([f"engine.ray_address=127.0.0.1:{port}", "stage.max_steps=3", f"run.output_dir={tmp_path}"])
         summary = run_local(cfg)
         assert summary["ray_cluster"].endswith(f":{port}")
-        assert summary["train"]["global_step"] == 3 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+        assert summary["train"]["global_step"] == 3 and (tmp_path / "final" / "model.safetensors").is_file()
         # The cluster outlives the run: only the driver disconnected.
         assert head.poll() is None
         assert subprocess.run([ray_bin, "status", f"--address=127.0.0.1:{port}"], capture_output=True).returncode == 0
