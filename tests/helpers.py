@@ -49,6 +49,24 @@ def save_peaked_tiny_model(path: Path, seed: int = 0) -> str:
     return str(path)
 
 
+def save_nan_tiny_model(path: Path, with_tokenizer: bool = False) -> str:
+    """A tiny ALIA whose final norm is NaN, so the very first loss is NaN (a corrupt starting checkpoint)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from alia_nemo.architectures import get_spec
+
+    model = LlamaForCausalLM(get_spec("alia_tiny").hf_config(256))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(path)
+    if with_tokenizer:
+        from alia_nemo.tokenizer import load_tokenizer
+
+        load_tokenizer("builtin:test").save_pretrained(path)
+    return str(path)
+
+
 def token_and_sequence_means(model_dir: str, rows: list[dict]) -> tuple[float, float]:
     """(mean over all trained tokens, mean of per-conversation means) of the next-token loss."""
     import torch

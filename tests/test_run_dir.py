@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from alia_nemo.cli import main
-from tests.helpers import read_jsonl
+from tests.helpers import read_jsonl, save_nan_tiny_model
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "alia_nemo.cli"]
@@ -137,16 +137,7 @@ def test_settings_that_can_only_produce_garbage_are_refused(override, message, t
 
 
 def test_non_finite_loss_stops_with_the_step_and_no_final(tmp_path, capsys):
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from alia_nemo.architectures import get_spec
-
-    start = tmp_path / "nan-model"
-    model = LlamaForCausalLM(get_spec("alia_tiny").hf_config(256))
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    model.save_pretrained(start)
+    start = save_nan_tiny_model(tmp_path / "nan-model")
     out = tmp_path / "run"
     code, _, err = _train(capsys, out, f"model.pretrained={start}")
     assert code == 1

@@ -21,7 +21,7 @@ import yaml
 
 from tests.helpers import NEMO_RL_HARNESS as HARNESS
 from tests.helpers import NEMO_RL_TINY as TINY
-from tests.helpers import read_jsonl
+from tests.helpers import read_jsonl, save_nan_tiny_model
 
 pytestmark = [pytest.mark.nemo_rl, pytest.mark.slow]
 CLI = [sys.executable, "-m", "alia_nemo.cli"]
@@ -239,19 +239,7 @@ def test_overlong_conversations_are_counted_exactly_with_dataloader_workers(ray_
 
 def test_a_run_whose_loss_goes_non_finite_fails_without_final(ray_gpu_head, tmp_path):
     # A starting model with a non-finite weight (stage.lr=inf and the like are refused by the schema).
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from alia_nemo.architectures import get_spec
-
-    start = tmp_path / "nan-start"
-    model = LlamaForCausalLM(get_spec("alia_tiny").hf_config(256))
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    model.save_pretrained(start)
-    from alia_nemo.tokenizer import load_tokenizer
-
-    load_tokenizer("builtin:test").save_pretrained(start)
+    start = save_nan_tiny_model(tmp_path / "nan-start", with_tokenizer=True)
     out = tmp_path / "diverged"
     start_args = [f"model.pretrained={start}", f"model.tokenizer={start}", "stage.max_steps=6"]
     proc = _cli(["train", f"recipe={TINY}", *HARNESS, *start_args, f"run.output_dir={out}"])
