@@ -10,8 +10,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from alia_nemo.config_schema import ConfigError
-from alia_nemo.errors import AliaError, describe_os_error
+from alia_nemo.errors import AliaError, ConfigError, describe_os_error
 
 OVERRIDES_HELP = (
     "Hydra overrides: key=value changes a key (stage.lr=2e-5), group=option picks a config group option "
@@ -29,39 +28,20 @@ EXAMPLES = """examples:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from alia_nemo.config_compose import available_recipes, load_config, to_yaml
+    from alia_nemo.config.compose import available_recipes, load_config, to_yaml
+    from alia_nemo.config.resolve import describe, resolve
 
     if args.list_recipes:
         print("\n".join(available_recipes()))
         return 0
     cfg = load_config(args.overrides)
     print(to_yaml(cfg), end="")
-    if cfg.stage.kind == "cpt":
-        print(describe_cpt(cfg))
+    print(describe(cfg, resolve(cfg)), end="")
     return 0
 
 
-def describe_cpt(cfg) -> str:
-    """The derived numbers of a CPT stage as YAML comments (what `show` appends)."""
-    from alia_nemo.config_schema import cpt_schedule
-
-    s = cfg.stage
-    dp = cfg.engine.data_parallel_size(cfg.cluster)
-    d = cpt_schedule(s, dp)
-    target = f"{s.tokens_per_update:,} tokens/update / {s.seq_length:,}" if s.tokens_per_update else "set explicitly"
-    lines = [
-        f"global batch {d['global_batch_size']} windows ({target}, rounded to the nearest multiple of DP {dp} x "
-        f"micro-batch {s.micro_batch_size} = {d['rounded_to_multiple_of']})",
-        f"tokens per update {d['tokens_per_update']:,}",
-        f"steps {d['steps']:,}"
-        + (f" = ceil({s.token_budget:,} budget / {d['tokens_per_update']:,})" if s.token_budget else ""),
-        f"tokens trained {d['tokens']:,}" if d["tokens"] else "tokens trained: unbounded (no budget, no max_steps)",
-    ]
-    return "# derived (CPT):\n" + "".join(f"#   {line}\n" for line in lines)
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    from alia_nemo.config_compose import load_config
+    from alia_nemo.config.compose import load_config
     from alia_nemo.engines import run_stage
 
     summary = run_stage(load_config(args.overrides))
@@ -77,130 +57,45 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from alia_nemo.config_compose import load_config
-    from alia_nemo.config_schema import ConfigError, MixtureConfig, TextCorpusConfig
+    from alia_nemo.config.compose import load_config
+    from alia_nemo.config.resolve import resolve
+    from alia_nemo.data.cache import read_manifest
+    from alia_nemo.data.sources import source_for
 
     cfg = load_config(args.overrides)
-    if isinstance(cfg.data, TextCorpusConfig):
-        return _prepare_corpus(cfg, args)
-    if not isinstance(cfg.data, MixtureConfig):
-        raise ConfigError(
-            f"alia-nemo prepare needs a mixture (e.g. data=sft_mixture); data={cfg.data.name} is "
-            f"format {cfg.data.format}, which train tokenises directly"
-        )
-    from alia_nemo import sft_mixture
-
+    source, stage = source_for(cfg.data), resolve(cfg)
     if args.dry_run:
-        p = sft_mixture.plan(cfg.data)
+        plan = source.plan(cfg, stage)
         if args.json:
-            print(json.dumps(p, indent=2))
+            print(json.dumps(plan, indent=2))
         else:
-            _print_plan(p)
+            source.print_plan(plan)
         return 0
-    from alia_nemo.tokenizer import load_tokenizer
+    from alia_nemo.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.tokenizer, allow_download=cfg.model.allow_download)
-    max_tokens = min(cfg.data.max_tokens or cfg.stage.seq_length, cfg.stage.seq_length)  # as train and compile
-    out = sft_mixture.prepare_mixture(cfg.data, tokenizer, max_tokens, cfg.run.seed)
-    manifest = json.loads((out / "manifest.json").read_text())
+    out = source.prepare(cfg, stage, tokenizer)
+    manifest = read_manifest(out)
     if args.json:
-        print(json.dumps({"prepared": str(out), "totals": manifest["totals"]}, indent=2))
+        prepared = resolve(cfg, manifest)
+        print(json.dumps({"prepared": str(out), "train_rows": prepared.train_rows, "val_rows": prepared.val_rows,
+                          "steps": prepared.steps, **_prepared_summary(manifest)}, indent=2))  # fmt: skip
     else:
-        _print_manifest(manifest)
-        print(f"[alia-nemo] prepared mixture: {out}")
+        source.print_prepared(cfg, out, manifest)
     return 0
 
 
-def _prepare_corpus(cfg, args: argparse.Namespace) -> int:
-    """`prepare` for a CPT stage: pack the corpus into windows of stage.seq_length (or show the plan)."""
-    from alia_nemo.sft_data import corpus_tokens
-    from alia_nemo.text_corpus import quotas
-
-    tokens = corpus_tokens(cfg)
-    total = tokens + cfg.data.val_windows * cfg.stage.seq_length
-    if args.dry_run:
-        plan = {
-            "name": cfg.data.name,
-            "seq_length": cfg.stage.seq_length,
-            "train_tokens": tokens,
-            "val_windows": cfg.data.val_windows,
-            "quotas": quotas(cfg.data, total),
-            "sources": {n: s.model_dump(mode="json") for n, s in cfg.data.sources.items()},
-        }
-        print(json.dumps(plan, indent=2))
-        return 0
-    from alia_nemo.packing import prepare_corpus
-    from alia_nemo.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.model.tokenizer, allow_download=cfg.model.allow_download)
-    out = prepare_corpus(cfg.data, tokenizer, cfg.stage.seq_length, tokens, cfg.run.seed)
-    manifest = json.loads((out / "manifest.json").read_text())
-    summary = {k: manifest[k] for k in ("train_windows", "train_windows_needed", "val_windows", "shortfall_windows")}
-    if args.json:
-        print(json.dumps({"prepared": str(out), **summary, "packing": manifest["packing"]}, indent=2))
-    else:
-        pk = manifest["packing"]
-        print(
-            f"[alia-nemo] packed {pk['documents']:,} documents ({pk['stream_tokens']:,} tokens) into "
-            f"{summary['train_windows']:,} training + {summary['val_windows']:,} validation windows of "
-            f"{cfg.stage.seq_length:,} tokens; tail {pk['tail_tokens']:,} tokens ({cfg.data.tail}); real tokens "
-            f"{pk['real_token_fraction']:.4%}"
-        )
-        for name, src in manifest["sources"].items():
-            print(f"[alia-nemo]   {name}: {src['documents']:,} documents, {src['tokens']:,} tokens, "
-                  f"{src['passes']} full passes, dropped {src['dropped'] or 0}")  # fmt: skip
-        print(f"[alia-nemo] prepared corpus: {out}")
-    return 0
-
-
-def _print_plan(p: dict) -> None:
-    from rich.table import Table
-
-    langs = ["ca", "en", "es", "eu", "gl", "pt"]
-    table = Table(title=f"mixture {p['name']}: {p['total']:,} conversations (dry run, nothing read)")
-    for col in ("dataset", *langs, "total", "licence"):
-        table.add_column(col, justify="right" if col in langs or col == "total" else "left")
-    for name, d in p["datasets"].items():
-        note = " (excluded)" if d["excluded_by_licence"] else (" (MISSING)" if d["missing_files"] else "")
-        table.add_row(name + note, *[f"{d['counts'].get(lang, ''):,}" if lang in d["counts"] else "" for lang in langs],
-                      f"{d['total']:,}", d["licence"])  # fmt: skip
-    table.add_row("total", *[f"{p['languages'].get(lang, 0):,}" for lang in langs], f"{p['total']:,}", "")
-    _console().print(table)
-
-
-def _print_manifest(m: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"prepared {m['name']} ({m['seconds']} s)")
-    keys = ("requested", "selected", "repeated", "shortfall", "val", "val_shortfall")
-    for col in ("dataset", *keys, "dropped", "tokens p50/p95/max"):
-        table.add_column(col, justify="left" if col == "dataset" else "right")
-    for name, r in m["datasets"].items():
-        langs = r.get("languages", {}).values()
-        tot = {k: sum(s.get(k, 0) for s in langs) for k in keys}
-        dropped = sum(sum(s.get("dropped", {}).values()) for s in langs) + sum(r.get("adapter_drops", {}).values())
-        tk = r.get("tokens", {})
-        toks = f"{tk.get('p50', '-')}/{tk.get('p95', '-')}/{tk.get('max', '-')}" if tk.get("count") else "-"
-        label = name + (" (excluded)" if "excluded_by_licence" in r else " (missing)" if "missing_files" in r else "")
-        table.add_row(label, *[f"{tot[k]:,}" for k in tot], f"{dropped:,}", toks)
-    t = m["totals"]
-    table.add_row("total", *[f"{t.get(k, 0):,}" for k in keys],
-                  f"{t.get('dropped', 0) + t.get('adapter_drops', 0):,}", "")  # fmt: skip
-    _console().print(table)
-
-
-def _console():
-    from rich.console import Console
-
-    console = Console()
-    return console if console.is_terminal else Console(width=160)  # pipes and logs get the whole table
+def _prepared_summary(manifest: dict) -> dict:
+    """The manifest's own totals (a mixture's per-reason totals, a corpus' window and packing numbers)."""
+    keys = ("totals", "train_windows", "train_windows_needed", "val_windows", "shortfall_windows", "packing")
+    return {k: manifest[k] for k in keys if k in manifest}
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from alia_nemo.architectures import get_spec
-    from alia_nemo.config_compose import load_config
-    from alia_nemo.config_schema import MixtureConfig
-    from alia_nemo.planner import Gpu, plan
+    from alia_nemo.config.compose import load_config
+    from alia_nemo.config.planner import Gpu, plan
+    from alia_nemo.config.resolve import resolve, steps_for_tokens
+    from alia_nemo.model.architectures import get_spec
 
     cfg = load_config(args.overrides)
     cl = cfg.cluster
@@ -209,20 +104,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             f"cluster={cl.name} has no GPUs to plan for; pick a GPU profile (cluster=mn5_acc or cluster=h100_8x80) "
             "or set cluster.gpus_per_node, cluster.gpu_memory_gb and cluster.gpu_peak_tflops"
         )
-    spec, stage = get_spec(cfg.model.arch), cfg.stage
-    result = plan(spec, stage.seq_length, stage.global_batch_size, cl.num_nodes, cl.gpus_per_node,
-                  Gpu(cl.gpu_memory_gb, cl.gpu_peak_tflops))  # fmt: skip
-    steps = None
-    if args.tokens:  # a token budget (the CPT stages): full windows of seq_length tokens
-        steps = -(-int(args.tokens) // (stage.global_batch_size * stage.seq_length))
-    elif isinstance(cfg.data, MixtureConfig):  # SFT: one step per global batch of conversations, per epoch
-        conversations = sum(sum(d.counts.values()) for d in cfg.data.datasets.values())
-        steps = -(-conversations // stage.global_batch_size) * stage.epochs
-    if stage.max_steps:
-        steps = stage.max_steps
+    stage = resolve(cfg)
+    result = plan(get_spec(cfg.model.arch), stage.seq_length, stage.global_batch_size, cl.num_nodes,
+                  cl.gpus_per_node, Gpu(cl.gpu_memory_gb, cl.gpu_peak_tflops))  # fmt: skip
+    steps = stage.steps
+    if args.tokens:  # a token budget given here wins (full windows of seq_length tokens)
+        steps = steps_for_tokens(int(args.tokens), stage.global_batch_size, stage.seq_length)
     for row in result["ranked"]:
         row["stage_hours"] = round(row["step_s"] * steps / 3600, 2) if steps else None
     result["steps"] = steps
+    result["resolved"] = stage.as_dict()
     if args.json:
         print(json.dumps(result if args.all else {k: v for k, v in result.items() if k != "layouts"}, indent=2))
         return 0 if result["ranked"] else 1
@@ -232,6 +123,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _print_plan_table(result: dict, cluster, top: int) -> None:
     from rich.table import Table
+
+    from alia_nemo.data.report import console
 
     title = (
         f"{result['model']} at {result['seq_length']:,} tokens, global batch {result['global_batch']}, on "
@@ -250,10 +143,10 @@ def _print_plan_table(result: dict, cluster, top: int) -> None:
             f"{mem['logits_and_loss']:.1f}", f"{mem['total']:.1f}", f"{row['step_s']:.1f}",
             "-" if row["stage_hours"] is None else f"{row['stage_hours']:.1f}",
         )  # fmt: skip
-    _console().print(table)
+    console().print(table)
     valid = [r for r in result["layouts"] if r["valid"]]
     print(f"{len(result['ranked'])} of {len(valid)} valid layouts fit ({len(result['layouts']) - len(valid)} invalid); "
-          "estimates, not measurements: see alia_nemo/planner.py for the model and its constants. Step times "
+          "estimates, not measurements: see alia_nemo/config/planner.py for the model and its constants. Step times "
           "assume every sequence is seq_length tokens long (an upper bound for unpacked SFT).")  # fmt: skip
     if not result["ranked"]:
         best = min(valid, key=lambda r: r["memory_gib"]["total"], default=None)
@@ -267,8 +160,9 @@ def _print_plan_table(result: dict, cluster, top: int) -> None:
 def _cmd_compile(args: argparse.Namespace) -> int:
     import yaml
 
-    from alia_nemo.config_compose import load_config
-    from alia_nemo.nemo_rl.compile import compile_stage, header
+    from alia_nemo.config.compose import load_config
+    from alia_nemo.config.to_nemo_rl import header
+    from alia_nemo.engines.nemo_rl_prepare import compile_stage
 
     cfg = load_config(args.overrides)
     compiled = compile_stage(cfg, prepare=not args.no_prepare, check_memory=not args.skip_memory_check)
@@ -286,7 +180,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         lay = d["layout"]
         print(f"[alia-nemo] wrote {out}")
         print(
-            f"[alia-nemo] {d['train_rows']:,} {'windows' if cfg.stage.kind == 'cpt' else 'conversations'} "
+            f"[alia-nemo] {d['train_rows']:,} {d['resolved']['unit']} "
             f"({d['counted_from']}), {d['max_num_steps']:,} "
             f"steps; TP{lay['tp']} PP{lay['pp']} CP{lay['cp']} DP{lay['dp']} on {d['gpus']} GPUs"
         )
@@ -295,7 +189,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from alia_nemo import submit
+    from alia_nemo.launch import submit
 
     job_id = submit.submit(args.run, args.overrides, args.address, args.env)
     print(job_id, flush=True)
@@ -309,7 +203,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from alia_nemo import submit
+    from alia_nemo.launch import submit
 
     if args.action == "status":
         info = submit.status(args.job_id, args.address)
@@ -327,8 +221,8 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
-    from alia_nemo.config_compose import load_config
-    from alia_nemo.model_cache import fetch, hub_ids
+    from alia_nemo.config.compose import load_config
+    from alia_nemo.model.hub_cache import fetch, hub_ids
 
     cfg = load_config(args.overrides)
     if not hub_ids(cfg):
@@ -340,7 +234,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from alia_nemo.export import export
+    from alia_nemo.model.export import export
 
     out = export(Path(args.source), Path(args.out), args.tokenizer, force=args.force)
     print(f"[alia-nemo] exported {args.source} -> {out}")
@@ -349,13 +243,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.kind == "harness":
-        from alia_nemo import harness
+        from alia_nemo.eval import harness
 
         argv = harness.command(Path(args.out), args.model, args.endpoint, args.served_model,
                                args.languages.split(",") if args.languages else None, args.limit)  # fmt: skip
         print("[alia-nemo] " + " ".join(argv), flush=True)
         return 0 if args.dry_run else harness.run(argv)
-    from alia_nemo import niah
+    from alia_nemo.eval import niah
 
     if bool(args.model) == bool(args.endpoint):
         raise ConfigError("give exactly one of --model DIR (an export, transformers) or --endpoint URL")
@@ -401,7 +295,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from alia_nemo.pipeline import Pipeline, load_pipeline
+    from alia_nemo.launch.pipeline import Pipeline, load_pipeline
 
     name, run_dir = None, None
     for o in args.overrides:
@@ -424,8 +318,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
-    from alia_nemo.architectures import parameter_report
-    from alia_nemo.config_compose import load_config
+    from alia_nemo.config.compose import load_config
+    from alia_nemo.model.architectures import parameter_report
 
     report = parameter_report(load_config(args.overrides).model.arch)
     print(json.dumps(report, indent=2))
@@ -648,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,6 +18,10 @@ class AliaError(Exception):
     exit_code = 2
 
 
+class ConfigError(AliaError, ValueError):
+    """A configuration that can not be used; the message names each bad key and how to fix it."""
+
+
 class LockedError(AliaError):
     """Another process (on this host or another one sharing the filesystem) holds the directory."""
 

@@ -24,7 +24,7 @@ def measure(spec, seq: int, device: str, dtype, repeats: int) -> dict:
     import torch
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    from alia_nemo.planner import BF16, Layout, activation_bytes_per_token_layer
+    from alia_nemo.config.planner import BF16, Layout, activation_bytes_per_token_layer
 
     config = spec.hf_config(seq)
     config._attn_implementation = "sdpa"
@@ -76,7 +76,7 @@ def main() -> int:
 
     import torch
 
-    from alia_nemo.architectures import get_spec
+    from alia_nemo.model.architectures import get_spec
 
     if ns.smoke:
         spec, device, dtype = get_spec("alia_tiny"), "cpu", torch.float32

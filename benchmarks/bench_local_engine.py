@@ -34,26 +34,27 @@ def plain_transformers(cfg, out: Path) -> dict:
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, LlamaForCausalLM, Trainer, TrainingArguments
 
-    from alia_nemo.architectures import get_spec
-    from alia_nemo.sft_data import prepare_data
-    from alia_nemo.tokenizer import load_tokenizer
+    from alia_nemo.data.sources import load_for_training
+    from alia_nemo.model.architectures import get_spec
+    from alia_nemo.model.tokenizer import load_tokenizer
 
     start = time.perf_counter()
     torch.set_num_threads(cfg.engine.torch_threads or os.cpu_count() or 1)
     tok = load_tokenizer(cfg.model.tokenizer)
-    data = prepare_data(cfg, tok)
+    data, stage = load_for_training(cfg, tok)
     torch.manual_seed(cfg.run.seed)
     model = LlamaForCausalLM(get_spec(cfg.model.arch).hf_config(cfg.stage.seq_length))
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=cfg.stage.micro_batch_size,
-        gradient_accumulation_steps=cfg.grad_accumulation,
+        gradient_accumulation_steps=stage.grad_accumulation,
         learning_rate=cfg.stage.lr,
         lr_scheduler_type=cfg.stage.lr_scheduler,
         warmup_steps=cfg.stage.warmup_steps,
         max_grad_norm=cfg.stage.grad_clip,
         num_train_epochs=cfg.stage.epochs,
-        max_steps=cfg.stage.max_steps or -1,
+        max_steps=stage.steps or -1,
+        dataloader_drop_last=True,
         save_strategy="no",
         logging_steps=cfg.run.log_every,
         report_to=[],
@@ -104,7 +105,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     ns = parser.parse_args()
 
-    from alia_nemo.config_compose import load_config
+    from alia_nemo.config.compose import load_config
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

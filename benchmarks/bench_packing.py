@@ -1,4 +1,4 @@
-"""Throughput and memory of token packing (``alia_nemo.packing.pack_windows``) and its Parquet writer.
+"""Throughput and memory of token packing (``alia_nemo.data.packing.pack_windows``) and its Parquet writer.
 
 A synthetic corpus is generated lazily (one document at a time, never materialised): document lengths
 are lognormal with a mean of ~1,500 tokens, clipped to [16, 200,000]; token ids are uniform int32 in
@@ -91,7 +91,7 @@ def child(size: int, seq_length: int, tail: str, write: bool, seed: int) -> dict
     import numpy as np  # noqa: F401  (imported before the baseline, like everything the run uses)
     import pyarrow.parquet  # noqa: F401
 
-    from alia_nemo.packing import WRITE_BATCH_TOKENS, PackReport, ShardWriter, pack_windows
+    from alia_nemo.data.packing import WRITE_BATCH_TOKENS, PackReport, ShardWriter, pack_windows
 
     baseline = rss_kib()
     baseline_peak = peak_rss_kib()

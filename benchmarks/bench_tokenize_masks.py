@@ -4,9 +4,9 @@ Both methods turn the same generated chat conversations into token ids and a los
 tokens of assistant content and its ``<|im_end|>``, 0 elsewhere), and the benchmark asserts that
 their outputs are identical for every conversation before it prints any rate.
 
-  ours      ``alia_nemo.chatml.tokenize_conversation``: one render and one tokenizer call per
+  ours      ``alia_nemo.model.chatml.tokenize_conversation``: one render and one tokenizer call per
             conversation; character offsets map the trained spans onto tokens.
-  batched   ``alia_nemo.chatml.tokenize_conversations`` over ``--batch-size`` conversations: what
+  batched   ``alia_nemo.model.chatml.tokenize_conversations`` over ``--batch-size`` conversations: what
             ``alia-nemo prepare`` runs (one batched call into the Rust tokenizer).
   naive     the per-message way of NeMo-RL's SFT processor, re-implemented: for message i render
             ``apply_chat_template(messages[:i+1])``, find where it departs from the previous rendering
@@ -19,7 +19,7 @@ Target: ours >= 5x the naive conversations/s on the same inputs.
     python benchmarks/bench_tokenize_masks.py [--n 10000] [--seed 0] [--tokenizer PATH] [--json OUT]
 
 ``--tokenizer`` takes a real ALIA tokenizer directory; the default is the built-in 1,024-piece test
-tokenizer with ALIA's layout (``alia_nemo.tokenizer.build_test_tokenizer``).
+tokenizer with ALIA's layout (``alia_nemo.model.tokenizer.build_test_tokenizer``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from alia_nemo.chatml import IM_END, IM_START, tokenize_conversation, tokenize_conversations
+from alia_nemo.model.chatml import IM_END, IM_START, tokenize_conversation, tokenize_conversations
 
 TARGET = 5.0
 
@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures and machine info here")
     args = parser.parse_args(argv)
 
-    from alia_nemo.tokenizer import build_test_tokenizer, load_tokenizer
+    from alia_nemo.model.tokenizer import build_test_tokenizer, load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else build_test_tokenizer()
     tokenizer_name = args.tokenizer or f"builtin:test ({len(tokenizer)} pieces)"

@@ -23,7 +23,7 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tok(_isolated_cache):
     """The built-in 1,024-piece test tokenizer with ALIA's special-token layout and our ChatML template."""
-    from alia_nemo.tokenizer import build_test_tokenizer
+    from alia_nemo.model.tokenizer import build_test_tokenizer
 
     return build_test_tokenizer()
 

@@ -39,7 +39,7 @@ def save_peaked_tiny_model(path: Path, seed: int = 0) -> str:
     import torch
     from transformers import LlamaForCausalLM
 
-    from alia_nemo.architectures import get_spec
+    from alia_nemo.model.architectures import get_spec
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(get_spec("alia_tiny").hf_config(256))
@@ -54,14 +54,14 @@ def save_nan_tiny_model(path: Path, with_tokenizer: bool = False) -> str:
     import torch
     from transformers import LlamaForCausalLM
 
-    from alia_nemo.architectures import get_spec
+    from alia_nemo.model.architectures import get_spec
 
     model = LlamaForCausalLM(get_spec("alia_tiny").hf_config(256))
     with torch.no_grad():
         model.model.norm.weight.fill_(float("nan"))
     model.save_pretrained(path)
     if with_tokenizer:
-        from alia_nemo.tokenizer import load_tokenizer
+        from alia_nemo.model.tokenizer import load_tokenizer
 
         load_tokenizer("builtin:test").save_pretrained(path)
     return str(path)

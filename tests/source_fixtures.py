@@ -1,6 +1,6 @@
 """Synthetic raw rows in the exact schema of every public SFT source (no data downloaded, nothing copied).
 
-:func:`raw_rows` makes ``n`` deterministic rows for an adapter of :mod:`alia_nemo.sft_sources`, with every
+:func:`raw_rows` makes ``n`` deterministic rows for an adapter of :mod:`alia_nemo.data.adapters`, with every
 field the real source has and realistic types and lengths (placeholder words from small per-language
 vocabularies); the tests use it and so does the large synthetic run. The ``*_ROWS`` constants below are
 small hand-written rows whose converted output the unit tests assert exactly.
@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from alia_nemo.config_schema import LANGUAGES as ALL_LANGUAGES
+from alia_nemo.config.schema import LANGUAGES as ALL_LANGUAGES
 
 ISO3 = {"ca": "cat", "en": "eng", "es": "spa", "eu": "eus", "gl": "glg", "pt": "por"}
 NAMES = {"ca": "Catalan", "en": "English", "es": "Spanish", "eu": "Basque", "gl": "Galician", "pt": "Portuguese"}

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from alia_nemo.cli import main
-from alia_nemo.config_schema import validate_config
+from alia_nemo.config.schema import validate_config
 
 COMMANDS = ["train", "show", "prepare", "model-info", "plan", "compile", "submit", "fetch", "pipeline"]
 OPTION_COMMANDS = ["jobs", "export", "eval"]  # they take options, not configuration overrides
@@ -108,8 +108,8 @@ def test_errors_are_one_line_with_their_exit_code_and_debug_shows_the_traceback(
     import errno
 
     import alia_nemo.cli as cli
-    from alia_nemo.config_schema import ConfigError
     from alia_nemo.engines import TrainingError
+    from alia_nemo.errors import ConfigError
 
     def failing(exc):
         def fn(args):

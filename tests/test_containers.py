@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from alia_nemo.config_compose import available_recipes
+from alia_nemo.config.compose import available_recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEF = ROOT / "containers" / "alia-nemo.def"

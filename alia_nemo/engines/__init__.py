@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from alia_nemo.config_schema import AliaConfig
+from alia_nemo.config.schema import AliaConfig
 from alia_nemo.errors import AliaError
 
 
@@ -76,10 +76,10 @@ def run_stage(cfg: AliaConfig) -> dict[str, Any]:
     """Dispatch a stage to the engine its config names, inside its guarded run directory.
 
     Checks first that offline nodes have the stage's models; a finished run is left as it is (its summary is
-    returned, nothing is trained or rewritten). See :mod:`alia_nemo.run_dir` for the guards.
+    returned, nothing is trained or rewritten). See :mod:`alia_nemo.engines.run_dir` for the guards.
     """
-    from alia_nemo.model_cache import require_cached
-    from alia_nemo.run_dir import open_run
+    from alia_nemo.engines.run_dir import open_run
+    from alia_nemo.model.hub_cache import require_cached
 
     require_cached(cfg)
     if cfg.engine.name not in ("local", "nemo_rl"):

@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alia_nemo.config_schema import AliaConfig, ConfigError
-from alia_nemo.run_dir import LOCK_NAME, run_path
+from alia_nemo.config.resolve import ResolvedStage
+from alia_nemo.config.schema import AliaConfig
+from alia_nemo.engines.run_dir import LOCK_NAME, run_path
+from alia_nemo.errors import ConfigError
 
 # How often a worker checks that the driver (``alia-nemo train``) still runs.
 DRIVER_CHECK_S = 2.0
@@ -114,13 +116,14 @@ def _train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point (module-level so Ray can pickle it by reference)."""
     import ray.train
 
-    from alia_nemo.hf_training import train_sft
+    from alia_nemo.engines.hf_training import train_sft
 
     if config.get("driver"):
         start_driver_watchdog(config["driver"], Path(config["output_dir"], LOCK_NAME))
     cfg = AliaConfig.model_validate(config["cfg"])
     metrics = train_sft(
         cfg,
+        ResolvedStage(**config["stage"]),
         config["train"],
         config["val"],
         Path(config["tokenizer_dir"]),
@@ -149,7 +152,8 @@ def _init_ray(cfg: AliaConfig) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         return True
-    # Embedded: no dashboard; the workers' torch rendezvous (store, gloo) stays on 127.0.0.1 (alia_nemo.rendezvous).
+    # Embedded: no dashboard; the workers' torch rendezvous (store, gloo) stays on 127.0.0.1
+    # (alia_nemo.engines.rendezvous).
     # Ray itself can not be confined to loopback: its own gRPC ports (GCS, raylet, object manager, each worker's
     # core-worker server) listen on every interface, and it even turns _node_ip_address="127.0.0.1" into the
     # machine's outward address. Ray >= 2.60 puts token authentication on those ports (RAY_AUTH_MODE).
@@ -174,7 +178,7 @@ def check_fits_in_memory(cfg: AliaConfig, available_bytes: int | None = None) ->
     """
     if cfg.engine.use_gpu:
         return
-    from alia_nemo.architectures import get_spec
+    from alia_nemo.model.architectures import get_spec
 
     if available_bytes is None:
         available_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -194,16 +198,16 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from alia_nemo.data.sources import load_for_training
+    from alia_nemo.engines.rendezvous import BoundTorchConfig
     from alia_nemo.locks import identity
+    from alia_nemo.model.tokenizer import load_tokenizer
     from alia_nemo.plots import plot_loss, read_metrics
-    from alia_nemo.rendezvous import BoundTorchConfig
-    from alia_nemo.sft_data import prepare_data
-    from alia_nemo.tokenizer import load_tokenizer
 
     # Inputs first: a model too big for the machine, a bad tokenizer or data file fails before anything is written.
     check_fits_in_memory(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer, allow_download=cfg.model.allow_download)
-    data = prepare_data(cfg, tokenizer)
+    data, stage = load_for_training(cfg, tokenizer)  # the step count from the rows actually read
 
     out = run_path(cfg)  # locked and its config.yaml written by run_dir.open_run (run_stage)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +224,7 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
             _train_loop,
             train_loop_config={
                 "cfg": cfg.model_dump(mode="json"),
+                "stage": stage.as_dict(),
                 "train": data.train,
                 "val": data.val,
                 "tokenizer_dir": str(tokenizer_dir),
@@ -259,6 +264,7 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
         "host": socket.gethostname(),
         "ray_cluster": ray_cluster,
         "data": data.report,
+        "resolved": stage.as_dict(),
         "train": result,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -24,9 +24,10 @@ from typing import Any
 
 import yaml
 
-from alia_nemo.config_schema import AliaConfig, ConfigError
+from alia_nemo.config.schema import AliaConfig
 from alia_nemo.engines import TrainingError, explain_failure, nonfinite_error
-from alia_nemo.run_dir import run_path
+from alia_nemo.engines.run_dir import run_path
+from alia_nemo.errors import ConfigError
 
 CONFIG_NAME = "nemo_rl_sft.yaml"
 METRICS = "metrics.jsonl"
@@ -86,7 +87,8 @@ def build_datasets(master_config: Any, tokenizer: Any) -> tuple[Any, Any]:
 
 def write_run_config(cfg: AliaConfig, output_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Compile the stage and write it (and our composed config) into the run directory."""
-    from alia_nemo.nemo_rl.compile import compile_stage, header
+    from alia_nemo.config.to_nemo_rl import header
+    from alia_nemo.engines.nemo_rl_prepare import compile_stage
 
     compiled = compile_stage(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +215,7 @@ def set_aside_broken_checkpoints(checkpoint_dir: Path, output_dir: Path) -> None
     import re
     import time
 
-    from alia_nemo.checkpoints import checkpoint_problem
+    from alia_nemo.model.checkpoints import checkpoint_problem
 
     steps = [p for p in checkpoint_dir.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir()]
     for step in sorted(steps, key=lambda p: int(p.name.split("_")[1]), reverse=True):
@@ -333,7 +335,7 @@ def _summary(
 
 def write_final(output_dir: Path) -> Path:
     """``final/``: the newest checkpoint as a Hugging Face directory (kept when it already holds that step)."""
-    from alia_nemo.export import EXPORT_INFO, export, nemo_rl_checkpoint
+    from alia_nemo.model.export import EXPORT_INFO, export, nemo_rl_checkpoint
 
     weights = nemo_rl_checkpoint(output_dir / "checkpoints")
     if weights is None:

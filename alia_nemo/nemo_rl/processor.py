@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from alia_nemo.chatml import render_segments, tokenize_conversation
+from alia_nemo.model.chatml import render_segments, tokenize_conversation
 
 
 def segment_message_log(

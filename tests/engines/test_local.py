@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from alia_nemo.config_compose import load_config
+from alia_nemo.config.compose import load_config
+from alia_nemo.config.resolve import resolve
+from alia_nemo.data.loading import prepare_sft
 from alia_nemo.engines.local import run_local
-from alia_nemo.sft_data import prepare_sft
 from tests.helpers import (
     read_jsonl,
     save_peaked_tiny_model,
@@ -80,7 +81,7 @@ def test_two_workers_average_loss_over_all_trained_tokens(tmp_path, tok):
     model_dir = save_peaked_tiny_model(tmp_path / "peaked")
     data_file = write_uneven_conversations(tmp_path / "uneven.jsonl")
     cfg = load_config(["recipe=sft-alia-tiny-1n0g-dp2", *uneven_overrides(model_dir, data_file, tmp_path / "run", 2)])
-    assert (cfg.engine.num_workers, cfg.grad_accumulation) == (2, 2)
+    assert (cfg.engine.num_workers, resolve(cfg).grad_accumulation) == (2, 2)
     token_mean, sequence_mean = token_and_sequence_means(model_dir, prepare_sft(cfg.data, tok, 256, 0).train)
     assert abs(token_mean - sequence_mean) > 20 * 1e-4 * token_mean
 
@@ -103,7 +104,7 @@ def test_interrupted_run_resumes_from_its_newest_checkpoint(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)  # the whole session: driver, Ray and its workers
         proc.wait()
     assert not (out / "final").exists()  # it really was interrupted
-    from alia_nemo.hf_training import newest_complete_checkpoint
+    from alia_nemo.engines.hf_training import newest_complete_checkpoint
 
     resume_step = int(newest_complete_checkpoint(out / "checkpoints").name.split("-")[1])
     assert 20 <= resume_step < 72
@@ -122,8 +123,8 @@ def test_interrupted_run_resumes_from_its_newest_checkpoint(tmp_path):
 
 @pytest.mark.parametrize(("arch", "fits"), [("alia_tiny", True), ("alia_2b", False), ("alia_40b", False)])
 def test_cpu_run_refuses_models_that_cannot_fit(arch, fits):
-    from alia_nemo.config_schema import ConfigError
     from alia_nemo.engines.local import check_fits_in_memory
+    from alia_nemo.errors import ConfigError
 
     cfg = load_config([f"model={arch}"])
     if fits:

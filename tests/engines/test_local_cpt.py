@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from alia_nemo.config_compose import load_config
+from alia_nemo.config.compose import load_config
 from alia_nemo.engines.local import run_local
 from tests.helpers import read_jsonl
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from alia_nemo.config_compose import load_config
+from alia_nemo.config.compose import load_config
 from alia_nemo.engines import local
 from tests.helpers import save_peaked_tiny_model, uneven_overrides, write_uneven_conversations
 

@@ -27,8 +27,8 @@ from tests.helpers import NEMO_RL_TINY as TINY
 @pytest.fixture(scope="session")
 def tiny_compiled(tmp_path_factory, _isolated_cache):
     """(composed config, compiled NeMo-RL config) of the tiny recipe, its mixture prepared and model written."""
-    from alia_nemo.config_compose import load_config
-    from alia_nemo.nemo_rl.compile import compile_stage
+    from alia_nemo.config.compose import load_config
+    from alia_nemo.engines.nemo_rl_prepare import compile_stage
 
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = load_config([f"recipe={TINY}", f"run.output_dir={out}"])

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alia_nemo.chatml import CHAT_TEMPLATE
 from alia_nemo.cli import main
-from alia_nemo.config_compose import available_recipes, load_config
-from alia_nemo.config_schema import ConfigError
-from alia_nemo.nemo_rl.compile import DATASET_CLASS, UNPREPARED, compile_stage
-from alia_nemo.nemo_rl.schema import validate_nemo_rl
+from alia_nemo.config.compose import available_recipes, load_config
+from alia_nemo.config.nemo_rl_schema import validate_nemo_rl
+from alia_nemo.config.to_nemo_rl import DATASET_CLASS, UNPREPARED
+from alia_nemo.engines.nemo_rl_prepare import compile_stage
+from alia_nemo.errors import ConfigError
+from alia_nemo.model.chatml import CHAT_TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[2]
 

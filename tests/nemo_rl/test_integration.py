@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from alia_nemo.chatml import tokenize_conversation
-from alia_nemo.config_compose import available_recipes, load_config
-from alia_nemo.nemo_rl.compile import compile_stage
+from alia_nemo.config.compose import available_recipes, load_config
+from alia_nemo.engines.nemo_rl_prepare import compile_stage
+from alia_nemo.model.chatml import tokenize_conversation
 
 pytestmark = pytest.mark.nemo_rl
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from alia_nemo.config_compose import load_config
-from alia_nemo.nemo_rl.compile import compile_stage
+from alia_nemo.config.compose import load_config
+from alia_nemo.engines.nemo_rl_prepare import compile_stage
 from tests.helpers import NEMO_RL_TINY, save_peaked_tiny_model
 
 pytestmark = pytest.mark.nemo_rl

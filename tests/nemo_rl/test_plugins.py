@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from alia_nemo.chatml import tokenize_conversation
+from alia_nemo.model.chatml import tokenize_conversation
 from alia_nemo.nemo_rl import AliaSFTDataset, alia_sft_processor
 from alia_nemo.nemo_rl.dataset import AliaDataError
 from alia_nemo.nemo_rl.processor import segment_message_log
@@ -23,7 +23,7 @@ MESSAGES = [
 
 
 def test_importing_plugins_does_not_import_nemo_rl():
-    code = "import sys, alia_nemo.nemo_rl, alia_nemo.nemo_rl.compile; print('nemo_rl' in sys.modules)"
+    code = "import sys, alia_nemo.nemo_rl, alia_nemo.config.to_nemo_rl; print('nemo_rl' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

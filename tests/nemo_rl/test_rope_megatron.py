@@ -20,10 +20,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alia_nemo.architectures import get_spec
-from alia_nemo.config_compose import available_recipes, load_config
-from alia_nemo.config_schema import ConfigError
-from alia_nemo.nemo_rl.compile import compile_stage
+from alia_nemo.config.compose import available_recipes, load_config
+from alia_nemo.engines.nemo_rl_prepare import compile_stage
+from alia_nemo.errors import ConfigError
+from alia_nemo.model.architectures import get_spec
 
 MEGATRON_RECIPES = [r for r in available_recipes() if getattr(load_config([f"recipe={r}"]).engine, "backend", None)
                     == "megatron"]  # fmt: skip

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 
-from alia_nemo.architectures import get_spec
-from alia_nemo.config_compose import load_config
-from alia_nemo.nemo_rl.compile import compile_stage
-from alia_nemo.nemo_rl.schema import NemoRLConfigError, validate_nemo_rl
+from alia_nemo.config.compose import load_config
+from alia_nemo.config.nemo_rl_schema import NemoRLConfigError, validate_nemo_rl
+from alia_nemo.engines.nemo_rl_prepare import compile_stage
+from alia_nemo.model.architectures import get_spec
 
 BASE = ["engine=nemo_rl", "cluster=mn5_acc", "model=alia_40b", "stage=sft", "data=sft_mixture"]
 FITS = ["engine.tensor_parallel=4", "engine.pipeline_parallel=4", "engine.context_parallel=4",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alia_nemo.config_compose import load_config
+from alia_nemo.config.compose import load_config
+from alia_nemo.config.to_nemo_rl import TEXT_DATASET_CLASS
+from alia_nemo.engines.nemo_rl_prepare import compile_stage
 from alia_nemo.nemo_rl import AliaTextDataset, alia_text_processor
-from alia_nemo.nemo_rl.compile import TEXT_DATASET_CLASS, compile_stage
 from alia_nemo.nemo_rl.dataset import AliaDataError
 
 

@@ -68,7 +68,7 @@ def interrupted_train(ray_gpu_head, tmp_path_factory):
 def test_train_resumes_from_its_checkpoint_and_ends_with_a_final_hf_model(interrupted_train):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alia_nemo.chatml import CHAT_TEMPLATE
+    from alia_nemo.model.chatml import CHAT_TEMPLATE
 
     run, killed_at, info, rerun = interrupted_train
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -208,13 +208,13 @@ def test_overlong_conversations_are_counted_exactly_with_dataloader_workers(ray_
     """Our processor masks conversations over max_input_seq_length in NeMo-RL's dataloader worker processes;
     the driver counts them as batches arrive. One whole epoch (global batch 141 = 282 / 2) and the whole
     validation set are consumed, so every row longer than the limit must be counted, and no other."""
-    from alia_nemo.chatml import tokenize_conversation
+    from alia_nemo.model.chatml import tokenize_conversation
+    from alia_nemo.model.tokenizer import load_tokenizer
     from alia_nemo.nemo_rl.dataset import AliaSFTDataset
-    from alia_nemo.tokenizer import load_tokenizer
 
     limit, out = 48, tmp_path / "run"
     script = (
-        "import json, sys\nfrom pathlib import Path\nfrom alia_nemo.config_compose import load_config\n"
+        "import json, sys\nfrom pathlib import Path\nfrom alia_nemo.config.compose import load_config\n"
         "from alia_nemo.engines.nemo_rl import train_compiled, write_run_config\n"
         "cfg = load_config(sys.argv[2:])\nout = Path(cfg.run.output_dir)\n_, config = write_run_config(cfg, out)\n"
         "config['data']['max_input_seq_length'] = int(sys.argv[1])\n"

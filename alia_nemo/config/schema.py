@@ -1,0 +1,353 @@
+"""Our configuration schema: every section forbids unknown keys and checks types and ranges.
+
+Hydra composes YAML; this schema validates the result so a typo or a wrong type fails before any
+work starts, with a message that names the dotted key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from alia_nemo.errors import ConfigError
+from alia_nemo.model.architectures import ARCHITECTURES, RopeSettings
+
+
+def _plain_name(value: str) -> str:
+    # Names become directory names (caches, runs): a path here would write outside its root.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value) or ".." in value:
+        raise ValueError(f"{value!r} is not a plain name: use letters, digits, '.', '_' and '-' (no '/', no '..')")
+    return value
+
+
+PlainName = Annotated[str, AfterValidator(_plain_name)]
+
+
+class _Section(BaseModel):
+    # inf and nan are never meaningful settings (stage.lr=inf trains a model of NaNs)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class ModelConfig(_Section):
+    arch: str = Field(description="ALIA size from the registry: alia_tiny, alia_2b, alia_7b, alia_40b")
+    pretrained: str | None = Field(None, description="weights to start from (HF dir or hub id); null = random init")
+    tokenizer: str = Field("builtin:test", description="'builtin:test' or a tokenizer dir / hub id")
+    allow_download: bool = Field(False, description="let hub ids be downloaded (compute nodes are usually offline)")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        if v not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {v!r}; choose one of {sorted(ARCHITECTURES)}")
+        return v
+
+
+class RopeConfig(_Section):
+    type: Literal["none", "llama3", "theta"] = "none"
+    factor: float | None = Field(
+        None, gt=0, description="llama3 scaling factor (null: stage.seq_length / original_max_position_embeddings)"
+    )
+    original_max_position_embeddings: int = Field(4096, gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    theta: float | None = Field(None, gt=0)
+
+    def settings(self) -> RopeSettings:
+        return RopeSettings(**{**self.model_dump(), "factor": self.factor or 1.0})
+
+
+class StageConfig(_Section):
+    name: str
+    kind: Literal["sft", "cpt"] = Field("sft", description="sft (chat, assistant tokens) or cpt (plain text, all)")
+    seq_length: int = Field(gt=0, description="longest training sequence in tokens (CPT: the window length)")
+    lr: float = Field(gt=0, le=1)
+    lr_scheduler: Literal["constant", "cosine"]
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    # below ~1e-12 the epsilon vanishes next to fp32/bf16 second moments and AdamW divides by zero (NaN)
+    adam_eps: float = Field(1e-8, ge=1e-12, le=1e-2)
+    grad_clip: float = Field(1.0, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(
+        None, gt=0, description="stop after this many optimizer steps (null: epochs; CPT: token_budget)"
+    )
+    global_batch_size: int | None = Field(
+        None, gt=0, description="sequences per optimizer step, over all workers (CPT null: from tokens_per_update)"
+    )
+    micro_batch_size: int = Field(gt=0, description="sequences per worker per forward/backward")
+    token_budget: int | None = Field(None, gt=0, description="CPT: tokens to train on (sets max_steps)")
+    tokens_per_update: int | None = Field(None, gt=0, description="CPT: target tokens per optimizer step")
+    rope: RopeConfig = RopeConfig()
+
+    @model_validator(mode="after")
+    def _complete(self) -> StageConfig:
+        if self.rope.type == "llama3" and self.rope.factor is None:
+            # Llama-3.1-style default: scale by how much longer the stage is than the original context.
+            factor = self.seq_length / self.rope.original_max_position_embeddings
+            object.__setattr__(self.rope, "factor", factor)
+        if self.kind == "sft" and self.global_batch_size is None:
+            raise ValueError("stage.global_batch_size is required for SFT stages")
+        if self.kind == "cpt" and self.global_batch_size is None and self.tokens_per_update is None:
+            raise ValueError("a CPT stage needs stage.tokens_per_update (or an explicit stage.global_batch_size)")
+        return self
+
+
+class DataConfig(_Section):
+    """Conversations straight from messages-JSONL files, tokenised at train time (the quick path)."""
+
+    name: PlainName
+    format: Literal["messages_jsonl"] = "messages_jsonl"
+    files: list[str] = Field(min_length=1, description="JSONL files with {'messages': [...]} rows")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="share of conversations held out for validation")
+    on_invalid: Literal["error", "drop"] = Field(
+        "error", description="malformed conversation: stop (error) or drop it and count the reason (drop)"
+    )
+
+
+LANGUAGES = ("ca", "en", "es", "eu", "gl", "pt")
+Language = Literal["ca", "en", "es", "eu", "gl", "pt"]
+
+
+class OriginConfig(_Section):
+    """Where a dataset's rows come from: the hub (or its local cache) or local files."""
+
+    kind: Literal["hf", "local"]
+    path: str | None = Field(None, description="hub dataset id (kind=hf)")
+    name: str | None = Field(None, description="hub config name")
+    configs: list[str] | None = Field(None, description="several hub configs read together (e.g. FLORES languages)")
+    split: str = "train"
+    revision: str | None = Field(None, description="hub revision (commit or tag) for reproducible builds")
+    files: list[str] | None = Field(None, description="local JSONL/Parquet files in the source's own schema")
+
+    @model_validator(mode="after")
+    def _has_a_place(self) -> OriginConfig:
+        if self.kind == "hf" and not (self.path or self.files):
+            raise ValueError("origin.kind=hf needs origin.path (hub id) or origin.files (local copies)")
+        if self.kind == "local" and not self.files:
+            raise ValueError("origin.kind=local needs origin.files")
+        return self
+
+
+class MixtureDatasetConfig(_Section):
+    licence: str
+    adapter: str = Field(description="source adapter from alia_nemo.data.adapters.ADAPTERS")
+    origin: OriginConfig
+    counts: dict[Language, int] = Field(description="conversations per language, from the model card")
+    options: dict[str, Any] = Field(default_factory=dict, description="adapter options")
+
+    @field_validator("adapter")
+    @classmethod
+    def _known_adapter(cls, v: str) -> str:
+        from alia_nemo.data.adapters import ADAPTERS, PROMPT_ADAPTERS
+
+        usable = sorted(set(ADAPTERS) - PROMPT_ADAPTERS)
+        if v not in usable:
+            why = "yields prompts, not conversations" if v in PROMPT_ADAPTERS else "is not an adapter"
+            raise ValueError(f"{v!r} {why}; a mixture dataset takes one of {usable}")
+        return v
+
+    @field_validator("counts")
+    @classmethod
+    def _positive(cls, v: dict[str, int]) -> dict[str, int]:
+        if not v or any(n < 0 for n in v.values()):
+            raise ValueError("counts must be a non-empty mapping of language -> non-negative count")
+        return v
+
+
+class MixtureConfig(_Section):
+    """A weighted mixture: exact counts per dataset and language, prepared once by ``alia-nemo prepare``."""
+
+    name: PlainName
+    format: Literal["mixture"]
+    internal_dir: str = Field(description="directory of the internal (non-public) sets")
+    prepared_root: str = Field(description="where prepared mixtures are cached, one directory per input hash")
+    on_shortfall: Literal["error", "repeat", "take_all"] = Field(
+        "error", description="a source with fewer usable rows than asked: stop, repeat rows, or take what there is"
+    )
+    allow_missing_internal: bool = Field(False, description="build without missing internal files (recorded)")
+    exclude_licenses: list[str] = Field(default_factory=list, description="datasets under these licences are left out")
+    val_fraction: float = Field(0.005, ge=0, lt=1, description="validation rows per dataset and language (extra)")
+    max_tokens: int | None = Field(None, gt=0, description="longest conversation kept (null: stage.seq_length)")
+    datasets: dict[str, MixtureDatasetConfig] = Field(min_length=1)
+
+
+class CorpusSourceConfig(_Section):
+    """One plain-text source of a CPT corpus: local files or a hub dataset, streamed."""
+
+    kind: Literal["local", "hf"]
+    files: list[str] | None = Field(None, description="JSONL / Parquet / Arrow files; glob patterns allowed")
+    path: str | None = Field(None, description="hub dataset id (kind=hf), read with streaming")
+    name: str | None = Field(None, description="hub config name")
+    split: str = "train"
+    revision: str | None = None
+    text_field: str = Field("text", description="the column / key holding the document text")
+    weight: float = Field(1.0, gt=0, description="share of the token budget (normalised over sources)")
+    language: str | None = Field(None, description="language tag recorded per document (null: mixed / unknown)")
+
+    @model_validator(mode="after")
+    def _has_a_place(self) -> CorpusSourceConfig:
+        if self.kind == "local" and not self.files:
+            raise ValueError("kind=local needs files")
+        if self.kind == "hf" and not self.path:
+            raise ValueError("kind=hf needs path (hub dataset id)")
+        return self
+
+
+class TextCorpusConfig(_Section):
+    """A token-packed plain-text corpus for continued pretraining: windows of exactly stage.seq_length."""
+
+    name: PlainName
+    format: Literal["text_corpus"]
+    prepared_root: str = Field(description="where packed corpora are cached, one directory per input hash")
+    sources: dict[str, CorpusSourceConfig] = Field(min_length=1)
+    add_bos: bool = Field(True, description="start each document with BOS (it always ends with EOS)")
+    min_chars: int = Field(1, ge=1, description="documents with fewer characters are dropped (and counted)")
+    tail: Literal["drop", "pad"] = Field("drop", description="the last, partial window: drop it or pad it")
+    on_shortfall: Literal["error", "repeat", "take_all"] = Field(
+        "error", description="a source with fewer tokens than its share: stop, read it again, or take what there is"
+    )
+    val_windows: int = Field(0, ge=0, description="windows held out for validation (the first ones packed)")
+    max_tokens: int | None = Field(None, gt=0, description="tokens to pack (null: the stage's token budget)")
+
+
+AnyDataConfig = Annotated[DataConfig | MixtureConfig | TextCorpusConfig, Field(discriminator="format")]
+DATA_FORMATS = ("messages_jsonl", "mixture", "text_corpus")
+
+
+class EngineConfig(_Section):
+    """The local engine: Ray Train workers running transformers' Trainer (CPU or GPU)."""
+
+    name: Literal["local"] = Field("local", description="local (Ray Train + transformers) or nemo_rl")
+    num_workers: int = Field(1, gt=0, description="data-parallel training workers")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, gt=0, description="intra-op threads per worker (null: CPUs / workers)")
+    ray_address: str | None = Field(None, description="existing Ray cluster; null: RAY_ADDRESS or in-process Ray")
+
+
+class NemoRLLoggerConfig(_Section):
+    tensorboard: bool = True
+    wandb: bool = False
+    mlflow: bool = False
+    wandb_project: str = "alia-nemo"
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow server (null: a local ./mlruns store)")
+    monitor_gpus: bool = True
+
+
+class NemoRLEngineConfig(_Section):
+    """NeMo-RL v0.7 on GPUs: ``alia-nemo compile`` turns these keys into its SFT config."""
+
+    name: Literal["nemo_rl"]
+    backend: Literal["megatron", "dtensor"] = Field("megatron", description="Megatron-core or DTensor (FSDP2)")
+    tensor_parallel: int = Field(1, gt=0)
+    pipeline_parallel: int = Field(1, gt=0, description="Megatron only")
+    context_parallel: int = Field(1, gt=0)
+    sequence_parallel: bool = Field(False, description="shard activations along the sequence across TP ranks")
+    first_pipeline_stage_layers: int | None = Field(None, gt=0, description="uneven PP: layers on the first stage")
+    last_pipeline_stage_layers: int | None = Field(None, gt=0, description="uneven PP: layers on the last stage")
+    activation_checkpointing: bool = False
+    recompute_granularity: Literal["full", "selective"] = Field(
+        "full", description="with activation checkpointing: recompute whole layers, or only attention (Megatron)"
+    )
+    sequence_packing: bool = Field(False, description="pack several conversations into each micro-batch")
+    cpu_offload: bool = Field(False, description="DTensor only: offload parameters to CPU")
+    dtensor_worker: Literal["v2", "v1"] = Field(
+        "v2", description="DTensor only: NeMo-RL's policy worker (v2: NeMo AutoModel, upstream's default; v1: plain)"
+    )
+    ray_address: str | None = Field(None, description="existing Ray cluster; null: RAY_ADDRESS or a local one")
+    val_batches: int = Field(8, ge=0, description="validation batches per evaluation (0: the whole set)")
+    val_global_batch_size: int | None = Field(None, gt=0, description="null: stage.global_batch_size")
+    val_micro_batch_size: int = Field(1, gt=0)
+    val_at_start: bool = False
+    dataloader_workers: int = Field(1, ge=0)
+    logger: NemoRLLoggerConfig = NemoRLLoggerConfig()
+
+
+AnyEngineConfig = Annotated[EngineConfig | NemoRLEngineConfig, Field(discriminator="name")]
+ENGINE_NAMES = ("local", "nemo_rl")
+
+
+class ClusterConfig(_Section):
+    name: str
+    num_nodes: int = Field(1, gt=0)
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_node: int | None = Field(None, gt=0)
+    gpu_name: str = "none"
+    gpu_memory_gb: float = Field(0.0, ge=0, description="usable memory per GPU, GB (1e9 bytes)")
+    gpu_peak_tflops: float = Field(0.0, ge=0, description="dense bf16 peak per GPU, TFLOP/s")
+
+
+class RunConfig(_Section):
+    output_dir: str = Field(description="the run's own directory (created; locked while training)")
+    seed: int = 42
+    save_every: int = Field(50, gt=0, description="checkpoint every N optimizer steps (and always at the end)")
+    keep_checkpoints: int | None = Field(3, gt=0, description="newest checkpoints kept (null: all)")
+    log_every: int = Field(1, gt=0, description="metrics (JSONL, TensorBoard) every N optimizer steps")
+    print_every: int = Field(20, gt=0, description="a progress line on the console every N optimizer steps")
+    eval_every: int | None = Field(None, gt=0, description="validation every N steps (and at the end)")
+    resume: bool | Literal["force"] = Field(
+        True,
+        description="continue from the newest checkpoint in output_dir (force: even under a changed configuration)",
+    )
+
+    @field_validator("output_dir")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():  # an empty path is the current directory: the run would litter it
+            raise ValueError("run.output_dir is empty; give the run a directory of its own (run.output_dir=outputs/x)")
+        return v
+
+
+class AliaConfig(_Section):
+    recipe: str | None = None
+    model: ModelConfig
+    stage: StageConfig
+    data: AnyDataConfig
+    engine: AnyEngineConfig
+    cluster: ClusterConfig
+    run: RunConfig
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AliaConfig:
+        from alia_nemo.config.resolve import resolve
+        from alia_nemo.data.sources import source_for
+
+        kind = source_for(self.data).stage_kind
+        if self.stage.kind != kind:
+            raise ValueError(
+                f"stage.kind={self.stage.kind} does not go with data.format={self.data.format}: SFT stages take "
+                "conversations (data=sample, data=sft_mixture), CPT stages a text corpus (data=cpt_sample, ...)"
+            )
+        resolve(self)  # the layout and batch divide, the data fills a batch: one set of rules (config.resolve)
+        return self
+
+
+def _describe(err: dict[str, Any]) -> str:
+    # Drop the union tag pydantic puts after "data" (data.mixture.datasets... -> data.datasets...).
+    tags = {"data": DATA_FORMATS, "engine": ENGINE_NAMES}
+    loc = [p for i, p in enumerate(err["loc"]) if not (i == 1 and p in tags.get(err["loc"][0], ()))]
+    key = ".".join(str(p) for p in loc) or "<root>"
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key; remove it or fix its spelling (check `alia-nemo show`)"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing; set it with {key}=VALUE"
+    msg = err["msg"].removeprefix("Value error, ")
+    return (
+        f"{key}: {msg} (got {err.get('input')!r})"
+        if "input" in err and not isinstance(err["input"], dict)
+        else f"{key}: {msg}"
+    )
+
+
+def validate_config(data: dict[str, Any]) -> AliaConfig:
+    """Validate a composed, resolved configuration; raise :class:`ConfigError` naming every bad key."""
+    try:
+        return AliaConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

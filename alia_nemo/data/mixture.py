@@ -1,0 +1,607 @@
+"""Prepare a weighted SFT mixture: exact counts per dataset and language, every row accounted for.
+
+``prepare_mixture`` reads each dataset (hub, hub cache or local files), converts it with its source
+adapter, drops malformed, duplicate and over-long conversations (each counted with its reason),
+selects exactly the configured count per language with a seeded shuffle, holds out a validation share,
+tokenises once with assistant-only masks, and writes Parquet shards plus ``manifest.json`` into a
+directory keyed by a hash of everything that shapes the result (local files by their content's sha256).
+The directory appears atomically: an interrupted build never looks complete, and an identical rebuild is
+a no-op. One build per key at a time, across hosts sharing the filesystem: a build holds a heartbeated
+lock (:class:`alia_nemo.locks.DirLock`); a second ``prepare`` of the same key waits for it and reuses its
+result (:func:`alia_nemo.data.cache.build_cached`, shared with the CPT packing cache).
+
+Local files are read by :mod:`alia_nemo.data.reader` (``data=jsonl`` and the CPT corpus use it too), with
+one policy for bad input:
+
+- a line that is not valid UTF-8, not valid JSON, or not a JSON object is a row dropped and counted
+  under its reason ("invalid UTF-8", "invalid JSON", "not a JSON object"); the rest of the file is kept;
+- a UTF-8 byte order mark is stripped (the row after it is kept);
+- a file that is not UTF-8 text at all (compressed, UTF-16/32, Parquet or Arrow named .jsonl), and a
+  Parquet file that can not be read, are file-level errors naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import sys
+import time
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from alia_nemo.config.schema import MixtureConfig, MixtureDatasetConfig
+from alia_nemo.data.cache import (
+    WAIT_S,
+    build_cached,
+    cache_dir,
+    code_version,
+    file_fingerprint,
+    read_manifest,
+    sha256_file,
+    tokenizer_hash,
+)
+from alia_nemo.data.reader import DataError, InvalidRow, read_local_rows
+from alia_nemo.model.chatml import CHAT_TEMPLATE, ConversationError, tokenize_conversations, validate_conversation
+
+SHARD_ROWS = 20_000
+TOKENIZE_BATCH = 256
+INTERNAL_FORMAT = (
+    "messages JSONL (one {'id', 'language', 'messages': [{'role', 'content'}, ...]} object per line) "
+    "or Parquet with the same columns"
+)
+
+
+class MixtureError(DataError):
+    """A mixture that can not be built as configured; the message lists every problem and its fix."""
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+def active_datasets(mix: MixtureConfig) -> dict[str, MixtureDatasetConfig]:
+    """Datasets left after the licence filter."""
+    return {n: d for n, d in mix.datasets.items() if d.licence not in mix.exclude_licenses}
+
+
+def missing_files(mix: MixtureConfig) -> dict[str, list[str]]:
+    """Local files named by active datasets that do not exist (internal sets, local copies)."""
+    missing = {}
+    for name, entry in active_datasets(mix).items():
+        absent = [f for f in entry.origin.files or [] if not Path(f).is_file()]
+        if absent:
+            missing[name] = absent
+    return missing
+
+
+def plan(mix: MixtureConfig) -> dict[str, Any]:
+    """What a prepare would do, without reading any data (``--dry-run``)."""
+    missing = missing_files(mix)
+    datasets = {}
+    for name, entry in mix.datasets.items():
+        origin = entry.origin.model_dump(exclude_none=True)
+        datasets[name] = {
+            "licence": entry.licence,
+            "adapter": entry.adapter,
+            "origin": origin,
+            "counts": dict(entry.counts),
+            "total": sum(entry.counts.values()),
+            "excluded_by_licence": entry.licence in mix.exclude_licenses,
+            "missing_files": missing.get(name, []),
+        }
+    kept = [d for d in datasets.values() if not d["excluded_by_licence"]]
+    languages: Counter = Counter()
+    for d in kept:
+        languages.update(d["counts"])
+    return {
+        "name": mix.name,
+        "datasets": datasets,
+        "languages": dict(sorted(languages.items())),
+        "total": sum(d["total"] for d in kept),
+        "excluded_licenses": list(mix.exclude_licenses),
+        "on_shortfall": mix.on_shortfall,
+        "val_fraction": mix.val_fraction,
+        "prepared_root": mix.prepared_root,
+    }
+
+
+def read_rows(name: str, entry: MixtureDatasetConfig, revisions: list | None = None) -> Iterator[dict | InvalidRow]:
+    """Raw rows of a dataset in its source's schema: local files, or the hub (the cache when offline).
+
+    What was actually read is appended to ``revisions`` (file hashes; hub revision and data fingerprint).
+    A local file that changes while it is read is an error: the cache key would not describe the data.
+    """
+    origin = entry.origin
+    revisions = revisions if revisions is not None else []
+    if origin.files:
+        revisions += [{"file": str(Path(f).resolve()), "sha256": sha256_file(f)} for f in origin.files]
+        yield from read_local_rows(origin.files, MixtureError)
+        for rev, f in zip(revisions[-len(origin.files) :], origin.files):
+            if sha256_file(f) != rev["sha256"]:  # a stat when unchanged (sha256_file remembers)
+                raise MixtureError(
+                    f"dataset {name!r}: {f} changed while it was being read; rerun prepare once the file is final"
+                )
+        return
+    import datasets
+
+    for config in origin.configs or [origin.name]:
+        try:
+            ds = datasets.load_dataset(origin.path, config, split=origin.split, revision=origin.revision)
+        except Exception as exc:  # the hub client raises many types; all mean "not available here"
+            raise MixtureError(
+                f"dataset {name!r}: could not load {origin.path} (config {config}, split {origin.split}): "
+                f"{' '.join(str(exc).split())}. "
+                "Download it where there is network (it lands in the Hugging Face cache), or point "
+                f"data.datasets.{name}.origin.files at local copies in the source's schema."
+            ) from None
+        revisions.append(
+            {"hub": origin.path, "config": config, "split": origin.split, "revision": origin.revision,
+             "fingerprint": getattr(ds, "_fingerprint", None)}
+        )  # fmt: skip
+        yield from ds
+
+
+# --------------------------------------------------------------------------------------- selection
+
+
+def content_hash(messages: list[dict[str, str]]) -> str:
+    """Hash of a conversation's normalised text (NFKC, case-folded, whitespace collapsed) for dedup."""
+    norm = "\x1e".join(
+        m["role"] + "\x1f" + re.sub(r"\s+", " ", unicodedata.normalize("NFKC", m["content"])).strip().casefold()
+        for m in messages
+    )
+    return hashlib.sha256(norm.encode()).hexdigest()
+
+
+def _quantiles(values: list[int]) -> dict[str, int | float]:
+    if not values:
+        return {"count": 0}
+    s = sorted(values)
+    return {
+        "count": len(s),
+        "total": sum(s),
+        "mean": round(sum(s) / len(s), 1),
+        "p50": s[len(s) // 2],
+        "p95": s[min(len(s) - 1, math.ceil(0.95 * len(s)) - 1)],
+        "max": s[-1],
+    }
+
+
+def _select_dataset(
+    name: str,
+    entry: MixtureDatasetConfig,
+    rows: Iterable[dict],
+    tokenizer,
+    max_tokens: int,
+    seed: int,
+    val_fraction: float,
+    on_shortfall: str,
+    seen: dict[str, str],
+    progress: bool = True,
+) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Convert, filter and select one dataset; ``seen`` maps content hashes to the dataset that kept them."""
+    from alia_nemo.data.adapters import ADAPTERS, PROMPT_ADAPTERS
+
+    if entry.adapter not in ADAPTERS:
+        raise MixtureError(f"dataset {name!r}: unknown adapter {entry.adapter!r}; choose one of {sorted(ADAPTERS)}")
+    if entry.adapter in PROMPT_ADAPTERS:
+        raise MixtureError(
+            f"dataset {name!r}: adapter {entry.adapter!r} extracts prompts, not conversations, so it can not be "
+            "trained; generate the responses and use adapter=messages on the resulting files"
+        )
+    adapter_drops: Counter = Counter()
+    counted_rows = Counter()
+
+    def count_rows(it: Iterable[dict | InvalidRow]) -> Iterator[dict]:
+        for row in it:
+            counted_rows["rows"] += 1
+            if isinstance(row, InvalidRow):
+                adapter_drops[("unknown", row.reason)] += 1
+                continue
+            yield row
+
+    by_lang: dict[str, list[dict]] = defaultdict(list)
+    drops: dict[str, Counter] = defaultdict(Counter)
+    converted = Counter()
+    try:
+        conversations = ADAPTERS[entry.adapter](
+            count_rows(rows), source=name, languages=list(entry.counts), drops=adapter_drops, options=entry.options
+        )
+    except ValueError as exc:  # an adapter's option check (dolly without options.language)
+        raise MixtureError(f"dataset {name!r}: {exc}") from None
+    for conv in conversations:
+        lang = conv["language"]
+        if lang not in entry.counts:  # adapters filter already; counted all the same, so the rows balance
+            adapter_drops[(lang, "language_not_requested")] += 1
+            continue
+        converted[lang] += 1
+        try:
+            validate_conversation(conv["messages"], conv["id"])
+        except ConversationError as exc:
+            drops[lang][exc.reason] += 1
+            continue
+        digest = content_hash(conv["messages"])
+        if digest in seen:
+            first = seen[digest]
+            # The shared filter keeps a conversation once, in the first dataset that has it: say which one.
+            reason = "duplicate (same normalised content)" if first == name else f"duplicate of dataset {first!r}"
+            drops[lang][reason] += 1
+            continue
+        seen[digest] = name
+        by_lang[lang].append(conv)
+
+    from tqdm import tqdm
+
+    train, val, langs = [], [], {}
+    for lang, wanted in entry.counts.items():
+        pool = by_lang.get(lang, [])
+        random.Random(f"{seed}:{name}:{lang}").shuffle(pool)
+        # An adapter may rank its records (flores: every sentence once before a second source for any): lower
+        # tiers are taken first, each in its shuffled order (the sort is stable).
+        pool.sort(key=lambda conv: conv.get("tier", 0))
+        want_val = math.ceil(wanted * val_fraction) if val_fraction > 0 else 0
+        picked, held = [], []
+        used = 0
+        bar = tqdm(total=wanted + want_val, desc=f"{name}/{lang} tokenise", unit=" conv", leave=False,
+                   disable=not progress)  # fmt: skip
+        # Tokenise in batches of the shuffled pool, and only as far as the counts need.
+        for start in range(0, len(pool), TOKENIZE_BATCH):
+            if len(picked) >= wanted and len(held) >= want_val:
+                break
+            chunk = pool[start : start + TOKENIZE_BATCH]
+            toks = tokenize_conversations(tokenizer, [c["messages"] for c in chunk], [c["id"] for c in chunk])
+            for conv, tok in zip(chunk, toks):
+                if len(picked) >= wanted and len(held) >= want_val:
+                    break
+                used += 1
+                if len(tok.input_ids) > max_tokens:
+                    drops[lang][f"longer than {max_tokens} tokens"] += 1
+                    continue
+                row = {**conv, "input_ids": tok.input_ids, "loss_mask": tok.loss_mask}
+                (picked if len(picked) < wanted else held).append(row)
+                bar.update()
+        bar.close()
+        shortfall = wanted - len(picked)
+        repeated = 0
+        if shortfall and on_shortfall == "repeat" and picked:
+            extra = [dict(picked[i % len(picked)], id=f"{picked[i % len(picked)]['id']}#r{i // len(picked) + 1}")
+                     for i in range(shortfall)]  # fmt: skip
+            picked += extra
+            repeated, shortfall = len(extra), 0
+        train += picked
+        val += held
+        langs[lang] = {
+            "requested": wanted,
+            "selected": len(picked) - repeated,
+            "repeated": repeated,
+            "shortfall": shortfall,
+            "val": len(held),
+            "val_requested": want_val,
+            "val_shortfall": want_val - len(held),
+            "converted": converted[lang],
+            "dropped": dict(drops[lang]),
+            "unselected": len(pool) - used,
+        }
+    for lang in set(drops) - set(langs):
+        langs[lang] = {"dropped": dict(drops[lang])}
+    stats = {
+        "input_rows": counted_rows["rows"],
+        "converted": sum(converted.values()),
+        "adapter_drops": {f"{lang}: {reason}": n for (lang, reason), n in sorted(adapter_drops.items())},
+        "languages": langs,
+        "tokens": _quantiles([len(r["input_ids"]) for r in train]),
+    }
+    return train, val, stats
+
+
+def cache_key(mix: MixtureConfig, tokenizer, max_tokens: int, seed: int) -> str:
+    """Hash of sources (and local files' content hashes), tokenizer, template, filters and code version."""
+    datasets = {}
+    for name, entry in active_datasets(mix).items():
+        d = entry.model_dump(mode="json")
+        d["files"] = [file_fingerprint(f) for f in entry.origin.files or [] if Path(f).is_file()]
+        datasets[name] = d
+    inputs = {
+        "datasets": datasets,
+        "tokenizer": tokenizer_hash(tokenizer),
+        "template": hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest(),
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "val_fraction": mix.val_fraction,
+        "on_shortfall": mix.on_shortfall,
+        "allow_missing_internal": mix.allow_missing_internal,
+        "exclude_licenses": sorted(mix.exclude_licenses),
+        "code": code_version(__name__),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _write_shards(rows: list[dict], out: Path, split: str) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = []
+    n_shards = max(1, math.ceil(len(rows) / SHARD_ROWS))
+    for i in range(n_shards):
+        chunk = rows[i * SHARD_ROWS : (i + 1) * SHARD_ROWS]
+        table = pa.table(
+            {
+                "id": [r["id"] for r in chunk],
+                "source": [r["source"] for r in chunk],
+                "language": [r["language"] for r in chunk],
+                "messages": [json.dumps(r["messages"], ensure_ascii=False) for r in chunk],
+                "input_ids": pa.array([r["input_ids"] for r in chunk], type=pa.list_(pa.int32())),
+                "loss_mask": pa.array([r["loss_mask"] for r in chunk], type=pa.list_(pa.int8())),
+            }
+        )
+        name = f"{split}-{i:05d}-of-{n_shards:05d}.parquet"
+        pq.write_table(table, out / name)
+        names.append(name)
+    return names
+
+
+# ------------------------------------------------------------------------------------------- prepare
+
+
+def prepare_mixture(
+    mix: MixtureConfig, tokenizer, max_tokens: int, seed: int, progress: bool = True, wait_s: float = WAIT_S
+) -> Path:
+    """Build (or find in the cache) the prepared mixture and return its directory.
+
+    A concurrent ``prepare`` of the same inputs (another process, another host sharing the filesystem) is
+    waited for, up to ``wait_s`` seconds, and its result reused (:func:`build_cached`).
+    """
+    missing = missing_files(mix)
+    if missing and not mix.allow_missing_internal:
+        listed = "; ".join(f"{name}: {', '.join(files)}" for name, files in sorted(missing.items()))
+        raise MixtureError(
+            f"{len(missing)} dataset(s) of mixture {mix.name!r} have missing files ({listed}). Expected format: "
+            f"{INTERNAL_FORMAT}. Set data.internal_dir (or each origin.files) to where they are, exclude them by "
+            "licence, or set data.allow_missing_internal=true to build without them (the shortfall is recorded "
+            "in the manifest)."
+        )
+    root = Path(mix.prepared_root).expanduser()
+    # The content hashes the key is made of (sha256_file remembers them, so cache_key does not hash again):
+    # the build checks that the files it read are still these.
+    keyed = {
+        str(Path(f).resolve()): sha256_file(f)
+        for name, entry in active_datasets(mix).items()
+        if name not in missing
+        for f in entry.origin.files or []
+    }
+    key = cache_key(mix, tokenizer, max_tokens, seed)
+    final = cache_dir(root, mix.name, key[:16], "data.name", MixtureError)
+
+    def build(tmp: Path) -> None:
+        _build_mixture(mix, tokenizer, max_tokens, seed, progress, missing, key, keyed, tmp)
+
+    return build_cached(
+        root, final, key, build, what=f"prepare of mixture {mix.name}", error=MixtureError, wait_s=wait_s
+    )
+
+
+def _build_mixture(
+    mix: MixtureConfig,
+    tokenizer,
+    max_tokens: int,
+    seed: int,
+    progress: bool,
+    missing: dict[str, list[str]],
+    key: str,
+    keyed: dict[str, str],
+    tmp: Path,
+) -> None:
+    """Read, select and tokenise every dataset and write the shards and (last) ``manifest.json`` into ``tmp``."""
+    from tqdm import tqdm
+
+    started = time.time()
+    seen: dict[str, str] = {}
+    train, val, report = [], [], {}
+    active = active_datasets(mix)
+    # Bars are closed when an error leaves them (with-blocks), so the CLI's one-line error starts a line.
+    with tqdm(total=len(mix.datasets), desc="datasets", disable=not progress) as datasets_bar:
+        for name, entry in mix.datasets.items():
+            datasets_bar.update()
+            _add_dataset(mix, name, entry, active, missing, keyed, tokenizer, max_tokens, seed, progress, seen,
+                         train, val, report)  # fmt: skip
+    _check_selection(mix, report, train)
+
+    random.Random(seed).shuffle(train)  # sources interleaved; the shuffle is part of the cache key (seed)
+    files = {"train": _write_shards(train, tmp, "train"), "val": _write_shards(val, tmp, "val") if val else []}
+    manifest = _manifest(mix, report, files, key, tokenizer, max_tokens, seed, time.time() - started)
+    _composition_plot(manifest, tmp / "composition.png")
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))  # written last
+
+
+def _add_dataset(
+    mix: MixtureConfig,
+    name: str,
+    entry: MixtureDatasetConfig,
+    active: dict[str, MixtureDatasetConfig],
+    missing: dict[str, list[str]],
+    keyed: dict[str, str],
+    tokenizer,
+    max_tokens: int,
+    seed: int,
+    progress: bool,
+    seen: dict[str, str],
+    train: list[dict],
+    val: list[dict],
+    report: dict[str, dict],
+) -> None:
+    """Select one dataset into ``train`` / ``val`` and record its report."""
+    from tqdm import tqdm
+
+    if name not in active:
+        report[name] = {"excluded_by_licence": entry.licence, "requested": dict(entry.counts)}
+        return
+    if name in missing:
+        report[name] = {
+            "missing_files": missing[name],
+            "languages": {
+                lang: {"requested": n, "selected": 0, "repeated": 0, "shortfall": n, "val": 0}
+                for lang, n in entry.counts.items()
+            },
+        }
+        return
+    revisions: list[dict] = []
+    with tqdm(read_rows(name, entry, revisions), desc=name, unit=" rows", leave=False, disable=not progress) as rows:
+        t, v, stats = _select_dataset(
+            name, entry, rows, tokenizer, max_tokens, seed, mix.val_fraction, mix.on_shortfall, seen, progress
+        )
+    for rev in revisions:
+        if "sha256" in rev and keyed.get(rev["file"], rev["sha256"]) != rev["sha256"]:
+            raise MixtureError(
+                f"dataset {name!r}: {rev['file']} changed while prepare read it; rerun prepare once it is final"
+            )
+    train += t
+    val += v
+    report[name] = {
+        "licence": entry.licence,
+        "origin": entry.origin.model_dump(exclude_none=True),
+        "revisions": revisions,
+        **stats,
+    }
+
+
+def _check_selection(mix: MixtureConfig, report: dict[str, dict], train: list[dict]) -> None:
+    """Stop on a shortfall (on_shortfall=error) or an empty training set; warn of empty datasets and of
+    validation shortfalls (both recorded in the manifest)."""
+    shortfalls = [
+        f"{name}/{lang}: {s['selected']} of {s['requested']}"
+        for name, r in report.items()
+        if "missing_files" not in r
+        for lang, s in r.get("languages", {}).items()
+        if s.get("shortfall")
+    ]
+    if shortfalls and mix.on_shortfall == "error":
+        short = {n: r for n, r in report.items() if any(s.get("shortfall") for s in r.get("languages", {}).values())}
+        raise MixtureError(
+            f"not enough usable conversations ({'; '.join(shortfalls)}); {_drop_summary(short)}. Fix or add data, "
+            "or set data.on_shortfall=repeat (reuse rows) or data.on_shortfall=take_all (train on fewer); either "
+            "is recorded in the manifest"
+        )
+    if not train:
+        # take_all (or repeat) over nothing: training would die later in its sampler, far from the cause.
+        raise MixtureError(f"mixture {mix.name!r} has no training conversation: " + _empty_datasets(report))
+    empty = [name for name, r in report.items() if "input_rows" in r and not r["tokens"].get("count")]
+    if empty:
+        print(f"[alia-nemo] warning: dataset(s) {', '.join(empty)} contributed no training conversation: "
+              + _empty_datasets({n: report[n] for n in empty}), file=sys.stderr, flush=True)  # fmt: skip
+    val_short = [
+        f"{name}/{lang}: {s['val']} of {s['val_requested']}"
+        for name, r in report.items()
+        for lang, s in r.get("languages", {}).items()
+        if s.get("val_shortfall")
+    ]
+    if val_short:
+        print(f"[alia-nemo] warning: validation shortfall ({'; '.join(val_short)}): fewer held-out conversations "
+              "than data.val_fraction asks, recorded in the manifest", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _empty_datasets(report: dict[str, dict]) -> str:
+    """Why each dataset gave nothing (rows read, the main drop reasons) and what to do, on one line."""
+    return (
+        _drop_summary(report) + f". Check the files (expected {INTERNAL_FORMAT}, or the source's own schema for "
+        "its adapter) and the counts' languages, or remove the dataset from the mixture"
+    )
+
+
+def _drop_summary(report: dict[str, dict]) -> str:
+    """Per dataset: rows read and the three most frequent drop reasons (or why it was not read)."""
+    parts = []
+    for name, r in report.items():
+        if "excluded_by_licence" in r:
+            parts.append(f"{name!r} is excluded by its licence {r['excluded_by_licence']}")
+            continue
+        if "missing_files" in r:
+            parts.append(f"{name!r} has missing files {r['missing_files']}")
+            continue
+        reasons: Counter = Counter(r.get("adapter_drops", {}))
+        for s in r.get("languages", {}).values():
+            reasons.update(s.get("dropped", {}))
+        top = ", ".join(f"{reason} x{n}" for reason, n in reasons.most_common(3)) or "none"
+        parts.append(f"{name!r} read {r.get('input_rows', 0)} rows (most dropped: {top})")
+    return "; ".join(parts)
+
+
+def _manifest(mix, report, files, key, tokenizer, max_tokens, seed, seconds) -> dict[str, Any]:
+    totals: Counter = Counter()
+    for r in report.values():
+        for s in r.get("languages", {}).values():
+            for k in ("requested", "selected", "repeated", "shortfall", "val", "val_requested", "val_shortfall",
+                      "converted", "unselected"):  # fmt: skip
+                totals[k] += s.get(k, 0)
+            totals["dropped"] += sum(s.get("dropped", {}).values())
+        totals["input_rows"] += r.get("input_rows", 0)
+        totals["adapter_drops"] += sum(r.get("adapter_drops", {}).values())
+    return {
+        "name": mix.name,
+        "key": key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(seconds, 1),
+        "code_version": code_version(__name__),
+        "tokenizer": {
+            "name_or_path": getattr(tokenizer, "name_or_path", None),
+            "sha256": tokenizer_hash(tokenizer),
+            "vocab_size": len(tokenizer),
+        },
+        "template_sha256": hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest(),
+        "seed": seed,
+        "max_tokens": max_tokens,
+        "val_fraction": mix.val_fraction,
+        "on_shortfall": mix.on_shortfall,
+        "exclude_licenses": list(mix.exclude_licenses),
+        "files": files,
+        "totals": dict(totals),
+        "datasets": report,
+    }
+
+
+def _composition_plot(manifest: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, r in manifest["datasets"].items() if "languages" in r]
+    langs = sorted({lang for n in names for lang in manifest["datasets"][n]["languages"]})
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(names) + 1.5))
+    left = [0] * len(names)
+    for lang in langs:
+        values = [
+            manifest["datasets"][n]["languages"].get(lang, {}).get("selected", 0)
+            + manifest["datasets"][n]["languages"].get(lang, {}).get("repeated", 0)
+            for n in names
+        ]
+        ax.barh(names, values, left=left, label=lang)
+        left = [a + b for a, b in zip(left, values)]
+    ax.invert_yaxis()
+    ax.set_xlabel("training conversations")
+    ax.set_title(
+        f"{manifest['name']}: {manifest['totals'].get('selected', 0) + manifest['totals'].get('repeated', 0):,}"
+    )
+    ax.legend(ncol=max(1, len(langs)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def load_prepared(directory: Path) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Training and validation rows (``input_ids``, ``labels``) and the manifest of a prepared mixture."""
+    import pyarrow.parquet as pq
+
+    directory = Path(directory)
+    manifest = read_manifest(directory, MixtureError)
+    out: dict[str, list[dict]] = {"train": [], "val": []}
+    for split, names in manifest["files"].items():
+        for name in names:
+            table = pq.read_table(directory / name, columns=["input_ids", "loss_mask"])
+            for ids, mask in zip(table.column("input_ids").to_pylist(), table.column("loss_mask").to_pylist()):
+                out[split].append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
+    return out["train"], out["val"], manifest

@@ -1,0 +1,88 @@
+"""A full prepare of a synthetic stand-in for all 20 sources of the card's mixture (>= 20,000 conversations).
+
+Public sources get raw rows in their own schema (Parquet, through their adapters); internal sources
+get messages-JSONL files. The card's counts are scaled down; the manifest must balance exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from alia_nemo.config.compose import load_config
+from alia_nemo.config.schema import LANGUAGES, MixtureConfig
+from alia_nemo.data.adapters import ONE_TO_ONE_ADAPTERS
+from alia_nemo.data.mixture import load_prepared, prepare_mixture
+from tests.source_fixtures import raw_rows
+
+SCALE = 0.03
+
+
+def _write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    table = load_config(["data=sft_mixture"]).data
+    datasets = {}
+    for i, (name, entry) in enumerate(table.datasets.items()):
+        counts = {lang: max(1, round(n * SCALE)) for lang, n in entry.counts.items()}
+        rows = []
+        if entry.adapter == "flores":  # sentences of every language share ids; pairs are built across them
+            rows = raw_rows("flores", math.ceil(max(counts.values()) * 1.3) + 8, seed=100 * i, languages=LANGUAGES)
+        for j, (lang, n) in enumerate(counts.items() if entry.adapter != "flores" else ()):
+            # Enough raw rows for the count, the validation share and what the adapters drop.
+            rows += raw_rows(entry.adapter, math.ceil(n * 1.3) + 8, seed=100 * i + j, languages=[lang])
+        if entry.origin.kind == "local":
+            path = root / f"{name}.jsonl"
+            _write_jsonl(path, rows)
+        else:
+            path = root / f"{name}.parquet"
+            _write_parquet(path, rows)
+        d = entry.model_dump()
+        d["counts"] = counts
+        d["origin"] = {"kind": entry.origin.kind, "files": [str(path)]}
+        datasets[name] = d
+    mix = MixtureConfig.model_validate(
+        {**table.model_dump(), "datasets": datasets, "prepared_root": str(root / "prepared"), "val_fraction": 0.01}
+    )
+    return mix
+
+
+def test_full_synthetic_prepare_balances(synthetic, tok):
+    requested = sum(sum(d.counts.values()) for d in synthetic.datasets.values())
+    assert requested >= 20_000 and len(synthetic.datasets) == 20
+    out = prepare_mixture(synthetic, tok, 32_768, seed=0, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    totals = manifest["totals"]
+    assert totals["requested"] == requested
+    assert totals["requested"] == totals["selected"] + totals["shortfall"] + totals["repeated"]
+    assert totals["shortfall"] == 0 and totals["repeated"] == 0 and totals["val_shortfall"] == 0
+    for name, report in manifest["datasets"].items():
+        entry = synthetic.datasets[name]
+        for lang, s in report["languages"].items():
+            assert s["selected"] == entry.counts[lang], (name, lang, s)
+            assert s["val"] == s["val_requested"] == math.ceil(entry.counts[lang] * 0.01) and not s["val_shortfall"]
+            # every converted conversation is selected, held out, dropped with a reason, or unused
+            assert s["converted"] == s["selected"] + s["val"] + sum(s["dropped"].values()) + s["unselected"]
+        if entry.adapter in ONE_TO_ONE_ADAPTERS:
+            converted = sum(s["converted"] for s in report["languages"].values())
+            # every input row became a conversation or was dropped by its adapter with a reason
+            assert report["input_rows"] == converted + sum(report["adapter_drops"].values()), name
+        assert report["tokens"]["count"] == sum(entry.counts.values())
+    train, val, _ = load_prepared(out)
+    assert len(train) == requested and len(val) == totals["val"]
+    assert all(any(label != -100 for label in row["labels"]) for row in train[:500])
+    # rerunning with identical inputs is a cache hit
+    assert prepare_mixture(synthetic, tok, 32_768, seed=0, progress=False) == out
