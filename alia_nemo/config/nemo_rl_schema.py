@@ -313,6 +313,40 @@ def parallel_sizes(cfg: NemoRLSFTConfig) -> dict[str, int]:
     return {"world": world, "tp": tp, "pp": pp, "cp": cp, "dp": data_parallel_size(world, tp, pp, cp) if world else 0}
 
 
+def model_split_problems(cfg: NemoRLSFTConfig, spec: AliaSpec, tp: int, pp: int) -> list[str]:
+    """How TP and PP must divide the model: attention and KV heads, layers (even or uneven pipeline stages)."""
+    p, out = cfg.policy, []
+    megatron = isinstance(p.megatron_cfg, Megatron)
+    if spec.num_attention_heads % tp or spec.num_key_value_heads % tp:
+        out.append(
+            f"tensor parallel size {tp} must divide the attention heads ({spec.num_attention_heads}) and KV heads "
+            f"({spec.num_key_value_heads}) of {spec.name}; use a divisor of {spec.num_key_value_heads}"
+        )
+    if megatron:
+        m = p.megatron_cfg
+        first, last = m.num_layers_in_first_pipeline_stage, m.num_layers_in_last_pipeline_stage
+        if first is None and last is None:
+            if spec.num_layers % pp:
+                out.append(
+                    f"pipeline parallel size {pp} does not divide {spec.num_layers} layers of {spec.name}; "
+                    "pick a divisor or set num_layers_in_first/last_pipeline_stage"
+                )
+        else:
+            middle_stages = pp - (first is not None) - (last is not None)
+            rest = spec.num_layers - (first or 0) - (last or 0)
+            if (
+                middle_stages < 0
+                or rest < 0
+                or (middle_stages and rest % middle_stages)
+                or (not middle_stages and rest)
+            ):
+                out.append(
+                    f"uneven pipeline: first={first}, last={last} layers leave {rest} layers for {middle_stages} "
+                    f"middle stage(s) of {spec.name}'s {spec.num_layers}; they must split evenly"
+                )
+    return out
+
+
 def layout_problems(cfg: NemoRLSFTConfig, spec: AliaSpec | None) -> list[str]:
     """Every cross-field rule the layout breaks, each with the keys involved and a fix."""
     p, out = cfg.policy, []
@@ -335,33 +369,7 @@ def layout_problems(cfg: NemoRLSFTConfig, spec: AliaSpec | None) -> list[str]:
             f"policy.train_micro_batch_size={mbs} = {dp * mbs}; pick a global batch that is a multiple of {dp * mbs}"
         )
     if spec is not None:
-        if spec.num_attention_heads % tp or spec.num_key_value_heads % tp:
-            out.append(
-                f"tensor parallel size {tp} must divide the attention heads ({spec.num_attention_heads}) and KV heads "
-                f"({spec.num_key_value_heads}) of {spec.name}; use a divisor of {spec.num_key_value_heads}"
-            )
-        if megatron:
-            m = p.megatron_cfg
-            first, last = m.num_layers_in_first_pipeline_stage, m.num_layers_in_last_pipeline_stage
-            if first is None and last is None:
-                if spec.num_layers % pp:
-                    out.append(
-                        f"pipeline parallel size {pp} does not divide {spec.num_layers} layers of {spec.name}; "
-                        "pick a divisor or set num_layers_in_first/last_pipeline_stage"
-                    )
-            else:
-                middle_stages = pp - (first is not None) - (last is not None)
-                rest = spec.num_layers - (first or 0) - (last or 0)
-                if (
-                    middle_stages < 0
-                    or rest < 0
-                    or (middle_stages and rest % middle_stages)
-                    or (not middle_stages and rest)
-                ):
-                    out.append(
-                        f"uneven pipeline: first={first}, last={last} layers leave {rest} layers for {middle_stages} "
-                        f"middle stage(s) of {spec.name}'s {spec.num_layers}; they must split evenly"
-                    )
+        out += model_split_problems(cfg, spec, tp, pp)
     seq, div = p.max_total_sequence_length, p.make_sequence_length_divisible_by
     if seq % (cp * tp):
         out.append(f"policy.max_total_sequence_length={seq} is not divisible by CP x TP = {cp * tp}")

@@ -51,6 +51,16 @@ class ResolvedStage:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def check_trainable(self) -> None:
+        """Raise :class:`ConfigError` unless the stage takes at least one whole step (engines, compile)."""
+        if self.train_rows is not None and self.train_rows < self.global_batch_size:
+            raise ConfigError(
+                f"{self.train_rows:,} training {self.unit} ({self.counted_from}) do not fill one global batch of "
+                f"{self.global_batch_size}; lower stage.global_batch_size or use more data"
+            )
+        if not self.steps:
+            raise ConfigError("the stage has no step count: set stage.max_steps (CPT: stage.token_budget)")
+
 
 def validation_count(rows: int, fraction: float) -> int:
     """Validation rows held out of ``rows`` at ``fraction``: ceil, so any positive fraction holds out one."""
@@ -116,7 +126,7 @@ def resolve(cfg: AliaConfig, manifest: dict[str, Any] | None = None) -> Resolved
 
     Without a manifest the rows are what the config asks for (a mixture's counts, a corpus' token budget) or
     unknown (plain JSONL, read only at train time). Raises :class:`ConfigError` for a layout or batch that
-    does not divide, or data that does not fill one global batch.
+    does not divide; :meth:`ResolvedStage.check_trainable` is what refuses data that fills no global batch.
     """
     from alia_nemo.data.sources import source_for
 
@@ -142,11 +152,6 @@ def resolve(cfg: AliaConfig, manifest: dict[str, Any] | None = None) -> Resolved
     counts = source.count(cfg, manifest, train_tokens)
     steps_per_epoch = steps = None
     if counts.train is not None:
-        if counts.train < gbs:
-            raise ConfigError(
-                f"{counts.train:,} training {source.unit} ({counts.counted_from}) do not fill one global batch of "
-                f"{gbs}; lower stage.global_batch_size or use more data"
-            )
         steps_per_epoch = counts.train // gbs  # the last partial batch is dropped (as NeMo-RL's loader does)
         steps = steps_per_epoch * s.epochs
     if step_cap:
@@ -161,9 +166,7 @@ def resolve(cfg: AliaConfig, manifest: dict[str, Any] | None = None) -> Resolved
         micro_batch_size=s.micro_batch_size,
         grad_accumulation=gbs // (s.micro_batch_size * dp),
         seq_length=s.seq_length,
-        max_tokens=min(getattr(cfg.data, "max_tokens", None) or s.seq_length, s.seq_length)
-        if s.kind == "sft"
-        else s.seq_length,
+        max_tokens=source.max_tokens(cfg),
         sequence_divisor=sequence_divisor(layout["tp"], layout["cp"]),
         train_rows=counts.train,
         val_rows=counts.val,

@@ -72,16 +72,21 @@ def module_file(name: str) -> Path | None:
     return None
 
 
+# Configuration modules are not code a cache depends on: the validated configuration enters every key as data.
+NOT_CODE = ("alia_nemo.config",)
+
+
 def package_modules(module: str) -> list[str]:
     """``module`` and every ``alia_nemo`` module it imports, directly or not, at the top or inside functions.
 
     Read from the source (``ast``), so lazily imported modules count too: they shape what a builder writes.
+    The configuration package (:data:`NOT_CODE`) is left out: its values are hashed into the key instead.
     """
     seen: set[str] = set()
     todo = [module]
     while todo:
         name = todo.pop()
-        if name in seen:
+        if name in seen or name.startswith(NOT_CODE):
             continue
         path = module_file(name)
         if path is None:  # a name imported from a module (a function, a class), not a module

@@ -53,6 +53,10 @@ class DataSource:
         """Training tokens to prepare (CPT sources only)."""
         return None
 
+    def max_tokens(self, cfg: AliaConfig) -> int:
+        """The longest sequence a row may have (longer conversations are dropped and counted, never cut)."""
+        return cfg.stage.seq_length
+
     def plan(self, cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -108,6 +112,10 @@ class Mixture(DataSource):
     """A weighted SFT mixture: exact counts per dataset and language, prepared once into the cache."""
 
     format, unit, stage_kind, cached = "mixture", "conversations", "sft", True
+
+    def max_tokens(self, cfg: AliaConfig) -> int:
+        """data.max_tokens, never more than stage.seq_length (what prepare, train and compile all use)."""
+        return min(cfg.data.max_tokens or cfg.stage.seq_length, cfg.stage.seq_length)  # type: ignore[union-attr]
 
     def plan(self, cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any]:
         from alia_nemo.data.mixture import plan

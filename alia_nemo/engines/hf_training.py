@@ -14,17 +14,9 @@ from typing import Any
 
 from alia_nemo.config.resolve import ResolvedStage
 from alia_nemo.config.schema import AliaConfig
+from alia_nemo.model.chatml import GENERATION_DEFAULTS
 
 CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
-# Generation stops on <|im_end|> (5) as well as </s> (2); the card's sampling advice.
-GENERATION_DEFAULTS = {
-    "eos_token_id": [2, 5],
-    "pad_token_id": 3,
-    "bos_token_id": 1,
-    "do_sample": True,
-    "temperature": 0.1,
-    "repetition_penalty": 1.0,
-}
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:
@@ -115,9 +107,7 @@ def build_model(cfg: AliaConfig, stage: ResolvedStage):
     return LlamaForCausalLM(hf_config).to(dtype)
 
 
-def training_arguments(
-    cfg: AliaConfig, stage: ResolvedStage, output_dir: Path, use_cpu: bool, report_to: list[str]
-):
+def training_arguments(cfg: AliaConfig, stage: ResolvedStage, output_dir: Path, use_cpu: bool, report_to: list[str]):
     """transformers ``TrainingArguments`` for the resolved stage: AdamW, schedule, clipping, checkpoints, logging.
 
     The step count is the resolved one (whole global batches per epoch, as NeMo-RL counts them), not the

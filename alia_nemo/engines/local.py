@@ -208,6 +208,7 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
     check_fits_in_memory(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer, allow_download=cfg.model.allow_download)
     data, stage = load_for_training(cfg, tokenizer)  # the step count from the rows actually read
+    stage.check_trainable()
 
     out = run_path(cfg)  # locked and its config.yaml written by run_dir.open_run (run_stage)
     out.mkdir(parents=True, exist_ok=True)

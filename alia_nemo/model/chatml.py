@@ -35,6 +35,17 @@ CHAT_TEMPLATE = (
 )
 
 
+# Generation stops on <|im_end|> (5) as well as </s> (2); the card's sampling advice.
+GENERATION_DEFAULTS = {
+    "eos_token_id": [2, 5],
+    "pad_token_id": 3,
+    "bos_token_id": 1,
+    "do_sample": True,
+    "temperature": 0.1,
+    "repetition_penalty": 1.0,
+}
+
+
 class ConversationError(AliaError, ValueError):
     """A conversation that can not be rendered or trained; the message names it and the problem.
 

@@ -22,10 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from alia_nemo.engines.hf_training import GENERATION_DEFAULTS
 from alia_nemo.errors import AliaError, ConfigError
 from alia_nemo.model import checkpoints
-from alia_nemo.model.chatml import CHAT_TEMPLATE
+from alia_nemo.model.chatml import CHAT_TEMPLATE, GENERATION_DEFAULTS
 
 WEIGHT_GLOBS = ("*.safetensors", "model.safetensors.index.json")
 EXPORT_INFO = "alia_export.json"  # where an export came from (source directory, checkpoint step)
@@ -112,14 +111,16 @@ def converter_config(step_config: Path, dest: Path) -> Path:
 
 
 def _nemo_rl_examples() -> Path:
-    try:
-        import nemo_rl
-    except ImportError:
+    # Located, not imported: the converters run in their own process, and export stays free of NeMo-RL's code.
+    from importlib.util import find_spec
+
+    spec = find_spec("nemo_rl")
+    if spec is None or spec.origin is None:
         raise ConfigError(
             "converting a NeMo-RL checkpoint needs NeMo-RL's container (its converters and Megatron-Bridge); "
             "run `alia-nemo export` there (apptainer exec IMAGE alia-nemo export ...)"
-        ) from None
-    examples = Path(nemo_rl.__file__).resolve().parent.parent / "examples" / "converters"
+        )
+    examples = Path(spec.origin).resolve().parent.parent / "examples" / "converters"
     if not examples.is_dir():
         raise ConfigError(f"NeMo-RL's converters are not next to its package ({examples} is missing)")
     return examples

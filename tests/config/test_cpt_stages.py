@@ -79,5 +79,5 @@ def test_rope_scaling_changes_the_inverse_frequencies():
 def test_show_prints_the_derived_numbers(capsys):
     assert main(["show", "stage=cpt_32k", *CPT]) == 0
     out = capsys.readouterr().out
-    assert "# derived (CPT):" in out and "global batch 128 windows" in out
+    assert "# derived:" in out and "global batch 128 windows" in out and "training windows 61,056" in out
     assert "steps 477 = ceil(2,000,000,000 budget / 4,194,304)" in out and "tokens trained 2,000,683,008" in out

@@ -60,6 +60,7 @@ def synthetic(tmp_path_factory):
     return mix
 
 
+@pytest.mark.slow  # 20 sources, tens of thousands of rows: most of the fast suite's time if left unmarked
 def test_full_synthetic_prepare_balances(synthetic, tok):
     requested = sum(sum(d.counts.values()) for d in synthetic.datasets.values())
     assert requested >= 20_000 and len(synthetic.datasets) == 20

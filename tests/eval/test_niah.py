@@ -24,14 +24,19 @@ def tiny_export(tmp_path_factory, tok):
     return export(run, tmp_path_factory.mktemp("export") / "hf")
 
 
-def test_card_constants_are_exact():
-    assert (
-        niah.NEEDLE == "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
-    )
-    assert niah.SYSTEM_PROMPT == (
-        "You are a helpful AI bot that answers questions for a user. Keep your response short and direct"
-    )
-    assert niah.QUESTION == "What is the best thing to do in San Francisco?"
+# The card's texts, as the card prints them: what the model must receive, checked in the messages it is sent.
+CARD_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+CARD_SYSTEM = "You are a helpful AI bot that answers questions for a user. Keep your response short and direct"
+CARD_QUESTION = "What is the best thing to do in San Francisco?"
+
+
+def test_the_model_receives_the_cards_needle_system_prompt_and_question(tok):
+    ctx = niah.build_context(tok, niah.default_haystack(), 400, 50)
+    msgs = niah.messages(ctx)
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    assert msgs[0]["content"] == CARD_SYSTEM
+    assert msgs[1]["content"].endswith("\n\n" + CARD_QUESTION)
+    assert msgs[1]["content"].count(CARD_NEEDLE) == 1
     assert niah.keyphrase_score("Eat a sandwich in Dolores Park on a sunny day!") == 1.0
     assert niah.keyphrase_score("A sandwich.") == pytest.approx(1 / 3) and niah.keyphrase_score("No idea") == 0.0
 

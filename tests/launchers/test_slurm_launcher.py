@@ -79,7 +79,7 @@ def test_a_dying_worker_ends_the_slurm_job_promptly_and_names_the_node(cluster, 
     out = tmp_path / "job.out"
     ray_tmp = f"/tmp/ar{os.getpid()}b"
     job = cluster.popen(
-        ["sbatch", "--wait", "-N", "2", "-o", str(out), str(SBATCH), "stage.max_steps=100000",
+        ["sbatch", "--wait", "-N", "2", "-o", str(out), str(SBATCH), "stage.epochs=100000",
          f"run.output_dir={tmp_path / 'run'}"],
         env=_env(cluster, tmp_path, ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
