@@ -67,6 +67,19 @@ def split_recipe(overrides: list[str]) -> tuple[str | None, list[str]]:
     return recipe, rest
 
 
+def upsert(override: str) -> str:
+    """``a.b=v`` sets the key whether or not a YAML file holds it (Hydra alone would ask for ``+a.b=v``).
+
+    The configs state only what differs from the schema's defaults, so most keys are in no YAML file; the
+    schema still rejects a key it does not know, naming it. Group choices (``stage=sft``), ``+``/``++``/``~``
+    and ``hydra.*`` overrides pass unchanged.
+    """
+    key, eq, _ = override.partition("=")
+    if eq and "." in key and not key.startswith(("+", "~", "hydra.")) and "@" not in key:
+        return f"++{override}"
+    return override
+
+
 def compose_dict(overrides: list[str] | None = None) -> dict[str, Any]:
     """Compose and resolve the configuration for ``overrides`` into a plain dict (not yet validated)."""
     from hydra import compose, initialize_config_dir
@@ -75,6 +88,7 @@ def compose_dict(overrides: list[str] | None = None) -> dict[str, Any]:
 
     _register_resolvers()
     recipe, rest = split_recipe(list(overrides or []))
+    rest = [upsert(o) for o in rest]
     root = config_root()
     if recipe is not None and recipe not in available_recipes():
         raise ConfigError(f"unknown recipe {recipe!r}; available recipes: {available_recipes()}")

@@ -125,7 +125,7 @@ def test_bad_overrides_fail_with_a_message_naming_the_key(overrides, message):
 def test_schema_forbids_unknown_keys_at_every_depth():
     data = compose_dict([])
     data["run"]["outptu_dir"] = "x"
-    data["stage"]["rope"]["scale"] = 2
+    data["stage"].setdefault("rope", {})["scale"] = 2
     with pytest.raises(ConfigError) as err:
         validate_config(data)
     assert "run.outptu_dir: unknown key" in str(err.value) and "stage.rope.scale: unknown key" in str(err.value)

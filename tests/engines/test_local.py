@@ -42,7 +42,8 @@ def test_default_job_trains_loss_falls_and_final_model_chats(tmp_path):
     first, last = losses[0][1], sum(v for _, v in losses[-10:]) / 10
     assert first > 6.0 and last < 2.5 and last < first / 2.5, (first, last)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["train"]["global_step"] == 12 * 18  # 12 epochs x ceil(282 / 16) steps
+    assert summary["train"]["global_step"] == 12 * 17  # 12 epochs x 282 // 16 whole global batches (resolve)
+    assert summary["resolved"]["steps"] == 12 * 17 and summary["resolved"]["train_rows"] == 282
     # The sample went through the mixture pipeline: 47 per language for training, 3 held out.
     assert summary["data"]["train"] == 282 and summary["data"]["val"] == 18 and summary["data"]["dropped"] == 0
     assert (Path(summary["data"]["prepared"]) / "manifest.json").is_file()
@@ -93,7 +94,7 @@ def test_two_workers_average_loss_over_all_trained_tokens(tmp_path, tok):
 
 def test_interrupted_run_resumes_from_its_newest_checkpoint(tmp_path):
     out = tmp_path / "run"
-    args = [*CLI, "train", f"run.output_dir={out}", "run.save_every=20", "stage.epochs=4"]  # 72 steps
+    args = [*CLI, "train", f"run.output_dir={out}", "run.save_every=20", "stage.epochs=4"]  # 68 steps (4 x 282 // 16)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
@@ -107,18 +108,18 @@ def test_interrupted_run_resumes_from_its_newest_checkpoint(tmp_path):
     from alia_nemo.engines.hf_training import newest_complete_checkpoint
 
     resume_step = int(newest_complete_checkpoint(out / "checkpoints").name.split("-")[1])
-    assert 20 <= resume_step < 72
+    assert 20 <= resume_step < 68
 
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     result = json.loads((out / "train_result.json").read_text())
-    assert result["resumed_from"] == f"checkpoint-{resume_step}" and result["global_step"] == 72
+    assert result["resumed_from"] == f"checkpoint-{resume_step}" and result["global_step"] == 68
     rows = read_jsonl(out / "metrics.jsonl")
     begins = [i for i, r in enumerate(rows) if r.get("event") == "train_begin"]
     assert [rows[i]["step"] for i in begins] == [0, resume_step]
     resumed_steps = [r["step"] for r in rows[begins[1] :] if "loss" in r]
-    assert resumed_steps[0] == resume_step + 1 and resumed_steps[-1] == 72
-    assert resumed_steps == list(range(resume_step + 1, 73))
+    assert resumed_steps[0] == resume_step + 1 and resumed_steps[-1] == 68
+    assert resumed_steps == list(range(resume_step + 1, 69))
 
 
 @pytest.mark.parametrize(("arch", "fits"), [("alia_tiny", True), ("alia_2b", False), ("alia_40b", False)])
