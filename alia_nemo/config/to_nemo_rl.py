@@ -254,8 +254,7 @@ def translate(cfg: AliaConfig, stage: ResolvedStage, data_path: str, start: Star
     could not run it.
     """
     check_compilable(cfg)
-    if stage.steps is None:
-        raise ConfigError(f"stage {cfg.stage.name} has no step count: set stage.max_steps or stage.token_budget")
+    stage.check_trainable()
     out = Path(cfg.run.output_dir).expanduser().resolve()
     checkpointing = {
         **fixed("checkpointing"),
@@ -279,24 +278,30 @@ def translate(cfg: AliaConfig, stage: ResolvedStage, data_path: str, start: Star
     return config
 
 
-def memory_estimate(cfg: AliaConfig, dp: int) -> dict[str, Any] | None:
-    """The planner's per-GPU memory estimate (Megatron backend) for the engine's layout, in GiB."""
+def memory_estimate(cfg: AliaConfig, dp: int, global_batch: int | None = None) -> dict[str, Any] | None:
+    """The planner's per-GPU memory estimate (Megatron backend) for the engine's layout, in GiB.
+
+    ``global_batch``: the resolved one (a CPT stage's comes from its token targets, not ``cfg.stage``); resolved
+    here when not given.
+    """
     from alia_nemo.config.planner import Gpu, Layout, memory_breakdown, plan
+    from alia_nemo.config.resolve import resolve
 
     eng, cl, s = cfg.engine, cfg.cluster, cfg.stage
     assert isinstance(eng, NemoRLEngineConfig)
     if not cl.gpu_memory_gb:
         return None
+    gbs = global_batch if global_batch is not None else resolve(cfg).global_batch_size
     spec = get_spec(cfg.model.arch)
     layout = Layout(
         eng.tensor_parallel, eng.pipeline_parallel, eng.context_parallel, dp, s.micro_batch_size,
         eng.recompute_granularity if eng.activation_checkpointing else "none", sequence_parallel=eng.sequence_parallel,
     )  # fmt: skip
-    terms = memory_breakdown(spec, layout, s.seq_length, s.global_batch_size, LOGPROB_CHUNK)
+    terms = memory_breakdown(spec, layout, s.seq_length, gbs, LOGPROB_CHUNK)
     budget = cl.gpu_memory_gb * 1e9 / 1024**3
     suggestion = None
     if terms["total"] > budget and cl.gpu_peak_tflops:
-        ranked = plan(spec, s.seq_length, s.global_batch_size, cl.num_nodes, cl.gpus_per_node,
+        ranked = plan(spec, s.seq_length, gbs, cl.num_nodes, cl.gpus_per_node,
                       Gpu(cl.gpu_memory_gb, cl.gpu_peak_tflops))["ranked"]  # fmt: skip
         # The fitting layouts closest to the requested one (fewest changed sizes), fastest first among equals.
         want = (eng.tensor_parallel, eng.pipeline_parallel, eng.context_parallel)
@@ -331,7 +336,7 @@ def check_memory(cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any] | None
     eng = check_compilable(cfg)
     if eng.backend != "megatron":
         return None
-    memory = memory_estimate(cfg, stage.layout["dp"])
+    memory = memory_estimate(cfg, stage.layout["dp"], stage.global_batch_size)
     if memory and memory["total"] > memory["budget"]:
         lay = stage.layout
         raise ConfigError(

@@ -73,9 +73,13 @@ def test_card_sft_on_megatron(tmp_path):
 
 def test_rope_overrides_change_the_frequencies_transformers_computes(tiny_compiled, tmp_path):
     """NeMo-RL applies hf_config_overrides as AutoConfig.from_pretrained(model, **overrides)."""
+    import math
+
     import torch
     from transformers import AutoConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from alia_nemo.model.architectures import get_spec
 
     cfg = load_config([
         "recipe=sft-alia-tiny-1n1g-dtensor", f"run.output_dir={tmp_path}", "stage.seq_length=1024",
@@ -88,14 +92,23 @@ def test_rope_overrides_change_the_frequencies_transformers_computes(tiny_compil
     base = AutoConfig.from_pretrained(base_dir)
     scaled = AutoConfig.from_pretrained(base_dir, **over)
     assert scaled.max_position_embeddings == 1024
-    inv_base = ROPE_INIT_FUNCTIONS.get("default", None)
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     f_base = LlamaRotaryEmbedding(base).inv_freq
     f_scaled = LlamaRotaryEmbedding(scaled).inv_freq
-    assert inv_base is None or callable(inv_base)
-    assert torch.allclose(f_base[0], f_scaled[0])  # high frequencies untouched
-    assert torch.allclose(f_scaled[-1], f_base[-1] / 4)  # the lowest ones divided by the factor
+    # The base model: plain RoPE at alia_tiny's theta over its head dimension (64 / 4 heads = 16: 8 frequencies).
+    theta, head_dim = get_spec("alia_tiny").rope_theta, 16
+    torch.testing.assert_close(f_base, 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    # llama3 at factor 4 from 256 positions (low 1, high 4): wavelengths under 256 / 4 = 64 untouched, over 256
+    # divided by 4, the band between interpolated; alia_tiny's 8 frequencies fall in all three (3, 1 and 4).
+    wavelen = 2 * math.pi / f_base
+    smooth = (256 / wavelen - 1) / (4 - 1)
+    expected = torch.where(
+        wavelen < 64, f_base, torch.where(wavelen > 256, f_base / 4, (1 - smooth) * f_base / 4 + smooth * f_base)
+    )
+    bands = [int((wavelen < 64).sum()), int(((wavelen >= 64) & (wavelen <= 256)).sum()), int((wavelen > 256).sum())]
+    assert bands == [3, 1, 4]
+    torch.testing.assert_close(f_scaled, expected)
+    assert torch.equal(f_scaled[:3], f_base[:3]) and not torch.allclose(f_scaled[3:], f_base[3:])
     bare = AutoConfig.from_pretrained(base_dir, rope_theta=1e6)  # why we never emit a bare rope_theta
     assert torch.allclose(LlamaRotaryEmbedding(bare).inv_freq, f_base)
 
@@ -109,9 +122,12 @@ def test_every_recipe_composes_and_nemo_rl_recipes_compile(recipe, tmp_path):
     assert any(line.startswith("# Launch:") for line in header) and any("Tested:" in line for line in header)
     if cfg.engine.name == "nemo_rl":
         compiled = compile_stage(cfg, prepare=cfg.data.name == "sample", progress=False)
-        validate_nemo_rl(compiled.config)
-        memory = compiled.derived["memory_gib"]  # every shipped GPU recipe fits its cluster's GPUs (planner)
-        assert memory is None or memory["total"] <= memory["budget"]
+        parsed = validate_nemo_rl(compiled.config)
+        assert parsed.policy.train_global_batch_size == compiled.derived["resolved"]["global_batch_size"]
+        memory = compiled.derived["memory_gib"]  # estimated for Megatron layouts only
+        assert (memory is not None) == (cfg.engine.backend == "megatron")
+        if memory is not None:  # every shipped Megatron recipe fits its cluster's GPUs (planner)
+            assert 0 < memory["total"] <= memory["budget"] == round(cfg.cluster.gpu_memory_gb * 1e9 / 1024**3, 1)
 
 
 def test_recipes_are_found_recursively():
@@ -125,10 +141,13 @@ def test_compile_refusals(tmp_path):
         compile_stage(load_config([f"run.output_dir={tmp_path}"]), prepare=False)
     with pytest.raises(ConfigError, match="cluster=local has no GPUs"):
         compile_stage(load_config(["engine=nemo_rl", f"run.output_dir={tmp_path}"]), prepare=False)
+    random_7b = ["engine=nemo_rl", "cluster=mn5_acc", "model=alia_7b", "model.pretrained=null",
+                 f"run.output_dir={tmp_path}"]  # fmt: skip
+    # The stage is resolved first: sft's global batch 16 does not divide over 64 GPUs x micro-batch 8.
+    with pytest.raises(ConfigError, match=r"global_batch_size=16 is not a multiple of .* \(8 x 64 = 512\)"):
+        compile_stage(load_config(random_7b), prepare=False)
     with pytest.raises(ConfigError, match="would start from random weights"):
-        compile_stage(
-            load_config(["engine=nemo_rl", "cluster=mn5_acc", "model=alia_7b", "model.pretrained=null",
-                         f"run.output_dir={tmp_path}"]), prepare=False)  # fmt: skip
+        compile_stage(load_config([*random_7b, "stage.global_batch_size=512"]), prepare=False)
     with pytest.raises(ConfigError, match=r"estimated \d+\.\d GiB per GPU for TP1 PP1 CP1 DP64 .*nearest here: engine"):
         compile_stage(
             load_config(["engine=nemo_rl", "cluster=mn5_acc", "model=alia_40b", "stage=sft", "data=sft_mixture",

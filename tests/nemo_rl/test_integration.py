@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from alia_nemo.config.compose import available_recipes, load_config
+from alia_nemo.config.resolve import resolve
 from alia_nemo.engines.nemo_rl_prepare import compile_stage
 from alia_nemo.model.chatml import tokenize_conversation
 
@@ -31,6 +32,26 @@ def test_dataset_class_loads_through_nemo_rls_dotted_path_loader(tiny_compiled):
     assert raw.task_spec.task_name == "alia_sft"
     assert raw.processor is PROCESSOR_REGISTRY["alia_sft_processor"]
     assert len(raw.dataset) == 282 and len(raw.val_dataset) == 18
+
+
+def test_set_task_spec_and_set_processor_bind_nemo_rls_objects(tiny_compiled):
+    """The two calls NeMo-RL's loader makes after building the dataset, made here directly."""
+    from nemo_rl.data.interfaces import TaskDataSpec
+    from nemo_rl.data.processors import PROCESSOR_REGISTRY
+
+    from alia_nemo.nemo_rl import AliaSFTDataset, alia_sft_processor
+    from alia_nemo.nemo_rl.dataset import AliaDataError
+
+    entry = dict(tiny_compiled[1].config["data"]["train"])
+    ds = AliaSFTDataset(**entry)
+    ds.set_task_spec(entry)
+    assert isinstance(ds.task_spec, TaskDataSpec) and ds.task_spec.task_name == "alia_sft"
+    assert ds.data_config == entry and ds.data_config is not entry  # a copy: NeMo-RL's entry is not shared
+    ds.set_processor()
+    assert ds.processor is PROCESSOR_REGISTRY["alia_sft_processor"] is alia_sft_processor
+    wrong = AliaSFTDataset(**{**entry, "processor": "alia_text_processr"})  # a typo in data.train.processor
+    with pytest.raises(AliaDataError, match="'alia_text_processr' is not registered; use 'alia_sft_processor'"):
+        wrong.set_processor()
 
 
 def test_batches_through_collate_and_loss_mask_equal_our_masks(tiny_compiled):
@@ -73,7 +94,16 @@ def test_every_recipe_is_accepted_by_nemo_rls_master_config(recipe, tmp_path):
     cfg = load_config([f"recipe={recipe}", f"run.output_dir={tmp_path}"])
     compiled = compile_stage(cfg, prepare=cfg.data.name == "sample", progress=False)
     master = _master(compiled.config)
-    assert master.policy["train_global_batch_size"] == cfg.stage.global_batch_size
+    resolved = compiled.derived["resolved"]
+    gbs = master.policy["train_global_batch_size"]
+    if cfg.stage.kind == "sft":
+        assert gbs == cfg.stage.global_batch_size
+    else:  # CPT: tokens_per_update / seq_length, rounded to a multiple of DP x micro-batch (cfg.stage leaves it None)
+        unit = resolved["layout"]["dp"] * cfg.stage.micro_batch_size
+        assert cfg.stage.global_batch_size is None
+        assert gbs == max(unit, round(cfg.stage.tokens_per_update / cfg.stage.seq_length / unit) * unit)
+    assert gbs == resolved["global_batch_size"] == resolve(cfg).global_batch_size
+    assert master.sft.max_num_steps == resolved["steps"] > 0
     assert master.data["add_eos"] is False
     expected = "AliaTextDataset" if cfg.stage.kind == "cpt" else "AliaSFTDataset"
     assert master.data["train"]["dataset_name"] == f"alia_nemo.nemo_rl.{expected}"

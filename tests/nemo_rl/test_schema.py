@@ -103,7 +103,8 @@ def test_pp_must_divide_layers_or_stages_be_explicit(megatron40b):
     )
     c = copy.deepcopy(megatron40b)
     uneven(12, 12)(c)
-    validate_nemo_rl(c, SPEC)
+    m = validate_nemo_rl(c, SPEC).policy.megatron_cfg
+    assert (m.num_layers_in_first_pipeline_stage, m.num_layers_in_last_pipeline_stage) == (12, 12)
 
 
 def test_megatron_cp_needs_packing_and_dtensor_cp_refuses_it(megatron40b, dtensor40b):
