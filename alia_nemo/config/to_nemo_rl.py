@@ -278,20 +278,15 @@ def translate(cfg: AliaConfig, stage: ResolvedStage, data_path: str, start: Star
     return config
 
 
-def memory_estimate(cfg: AliaConfig, dp: int, global_batch: int | None = None) -> dict[str, Any] | None:
-    """The planner's per-GPU memory estimate (Megatron backend) for the engine's layout, in GiB.
-
-    ``global_batch``: the resolved one (a CPT stage's comes from its token targets, not ``cfg.stage``); resolved
-    here when not given.
-    """
+def memory_estimate(cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any] | None:
+    """The planner's per-GPU memory estimate (Megatron backend) for the resolved stage's layout, in GiB."""
     from alia_nemo.config.planner import Gpu, Layout, memory_breakdown, plan
-    from alia_nemo.config.resolve import resolve
 
     eng, cl, s = cfg.engine, cfg.cluster, cfg.stage
+    dp, gbs = stage.layout["dp"], stage.global_batch_size
     assert isinstance(eng, NemoRLEngineConfig)
     if not cl.gpu_memory_gb:
         return None
-    gbs = global_batch if global_batch is not None else resolve(cfg).global_batch_size
     spec = get_spec(cfg.model.arch)
     layout = Layout(
         eng.tensor_parallel, eng.pipeline_parallel, eng.context_parallel, dp, s.micro_batch_size,
@@ -336,7 +331,7 @@ def check_memory(cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any] | None
     eng = check_compilable(cfg)
     if eng.backend != "megatron":
         return None
-    memory = memory_estimate(cfg, stage.layout["dp"], stage.global_batch_size)
+    memory = memory_estimate(cfg, stage)
     if memory and memory["total"] > memory["budget"]:
         lay = stage.layout
         raise ConfigError(

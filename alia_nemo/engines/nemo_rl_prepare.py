@@ -195,9 +195,5 @@ def compile_stage(
     config = translate(cfg, stage, data_path, start)
     memory = None
     if megatron:
-        memory = (
-            to_nemo_rl.check_memory(cfg, stage)
-            if check_memory
-            else memory_estimate(cfg, stage.layout["dp"], stage.global_batch_size)
-        )
+        memory = to_nemo_rl.check_memory(cfg, stage) if check_memory else memory_estimate(cfg, stage)
     return Compiled(config, derived_numbers(stage, memory))

@@ -156,7 +156,7 @@ def test_every_shipped_40b_recipe_fits_the_marenostrum5_profile():
         if cfg.model.arch != "alia_40b":
             continue
         assert cfg.cluster.name == "mn5_acc" and cfg.cluster.gpu_memory_gb == 64
-        est = memory_estimate(cfg, resolve(cfg).layout["dp"])
+        est = memory_estimate(cfg, resolve(cfg))
         assert est is not None and est["total"] <= est["budget"] == 59.6, recipe
         checked.append((recipe, est["total"]))
     stages = {load_config([f"recipe={r}"]).stage.name for r, _ in checked}
