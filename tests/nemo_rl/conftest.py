@@ -76,6 +76,12 @@ def ray_gpu_head(_isolated_cache):
             assert head.poll() is None, f"ray head exited:\n{(temp / 'head.log').read_text()[-3000:]}"
             assert time.time() < deadline, "Ray's job API did not come up in 180 s"
             time.sleep(1)
+        # Under load a head has been seen to die just after its job API answered; a driver would then hang in
+        # ray.init. Fail here, with the head's log, instead.
+        time.sleep(3)
+        assert head.poll() is None and _job_api_up(f"{url}/api/version"), (
+            f"ray head died after starting:\n{(temp / 'head.log').read_text()[-3000:]}"
+        )
         os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
         yield url
     finally:
