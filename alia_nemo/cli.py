@@ -249,6 +249,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                args.languages.split(",") if args.languages else None, args.limit)  # fmt: skip
         print("[alia-nemo] " + " ".join(argv), flush=True)
         return 0 if args.dry_run else harness.run(argv)
+    if args.kind == "judge":
+        from alia_nemo.eval import judge
+
+        max_new = 1024 if args.max_new_tokens is None else args.max_new_tokens  # step-by-step answers run long
+        files = judge.evaluate(
+            args.task, Path(args.out), model_dir=args.model, endpoint=args.endpoint, served_model=args.served_model,
+            judge_endpoint=args.judge_endpoint, judge_model=args.judge_model,
+            languages=args.languages.split(",") if args.languages else None, instances=args.instances, seed=args.seed,
+            concurrency=args.concurrency, temperature=args.temperature, max_new_tokens=max_new,
+            timeout=args.timeout, retries=args.retries,
+        )  # fmt: skip
+        print(f"[alia-nemo] results {files['json']}, chart {files['png']}")
+        return 0
     from alia_nemo.eval import niah
 
     if bool(args.model) == bool(args.endpoint):
@@ -257,6 +270,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("--endpoint needs --served-model and --tokenizer (to size the haystacks in tokens)")
     if args.timeout <= 0 or args.retries < 0:
         raise ConfigError(f"--timeout {args.timeout:g} / --retries {args.retries}: need > 0 seconds and >= 0 retries")
+    args.max_new_tokens = 64 if args.max_new_tokens is None else args.max_new_tokens  # niah's default
     lengths, depths = niah.parse_grid(args.lengths, args.depths)
     haystack = Path(args.haystack).read_text(encoding="utf-8") if args.haystack else niah.default_haystack()
     name = args.model or args.served_model
@@ -450,12 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(fn=_cmd_export, overrides=[])
     ev = sub.add_parser(
         "eval",
-        help="the card's evaluations: needle in a haystack (niah) or benchmark task lists (harness)",
+        help="the card's evaluations: needle in a haystack (niah), benchmark task lists (harness), LLM judge (judge)",
         description="niah: the card's needle-in-a-haystack test (needle, system prompt and question as on the card) "
         "over a grid of context lengths and depths, against an export (--model) or an OpenAI-compatible endpoint; "
-        "JSON results and a heat map. harness: the card's 0-shot task lists through lm-evaluation-harness.",
+        "JSON results and a heat map. harness: the card's 0-shot task lists through lm-evaluation-harness. "
+        "judge: the card's LLM-as-a-judge tasks (conf/eval/judge/*.yaml): N sampled instances per language in three "
+        "prompt styles, answered by the model and graded by Prometheus-2 per criterion; mean scores, robustness "
+        "(variance across styles), judge.json and judge.png; resumable from OUT/judge_results.jsonl.",
     )
-    ev.add_argument("kind", choices=["niah", "harness"])
+    ev.add_argument("kind", choices=["niah", "harness", "judge"])
     ev.add_argument("--model", help="exported model directory (transformers)")
     ev.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
     ev.add_argument("--served-model", help="model name at the endpoint")
@@ -464,17 +481,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lengths", default="4096,16384,32768,65536,131072,163840", help="niah: prompt lengths, tokens")
     ev.add_argument("--depths", default="0,10,25,50,75,90,100", help="niah: needle depths, percent")
     ev.add_argument("--temperature", type=float, default=0.0, help="niah: 0 (greedy) to 0.2, as the card advises")
-    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="niah: default 64; judge: default 1024")
     ev.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
-                    help="niah with an endpoint: seconds to wait for each reply (default 600)")  # fmt: skip
+                    help="niah, judge: seconds to wait for each endpoint reply (default 600)")  # fmt: skip
     ev.add_argument("--retries", type=int, default=3, metavar="N",
-                    help="niah with an endpoint: retries after a connection error, timeout or HTTP 5xx/429, with "
+                    help="niah, judge: endpoint retries after a connection error, timeout or HTTP 5xx/429, with "
                     "exponential backoff (default 3); finished trials are kept in OUT/trials.jsonl and a rerun "
-                    "continues from them")  # fmt: skip
+                    "continues from them (judge: OUT/judge_results.jsonl)")  # fmt: skip
     ev.add_argument("--haystack", help="niah: text file to fill the context with (default: bundled CC0 sample)")
-    ev.add_argument("--judge-endpoint", help="niah: OpenAI-compatible endpoint of an LLM judge (Prometheus-2)")
-    ev.add_argument("--judge-model", default="prometheus-eval/prometheus-8x7b-v2.0")
-    ev.add_argument("--languages", help="harness: comma list of es,ca,eu,gl,en (default all)")
+    ev.add_argument("--judge-endpoint", help="niah, judge: OpenAI-compatible endpoint of an LLM judge (Prometheus-2)")
+    ev.add_argument("--judge-model", default="prometheus-eval/prometheus-8x7b-v2.0",
+                    help="niah, judge: model name at --judge-endpoint")  # fmt: skip
+    ev.add_argument("--task", default="math", help="judge: task name in conf/eval/judge/ or a YAML path (default math)")
+    ev.add_argument("--instances", type=int, default=250, metavar="N",
+                    help="judge: instances sampled per language (default 250, as on the card)")  # fmt: skip
+    ev.add_argument("--seed", type=int, default=0, help="judge: sampling seed (default 0)")
+    ev.add_argument("--concurrency", type=int, default=8, metavar="N",
+                    help="judge: (instance, style) answers in flight at once (default 8)")  # fmt: skip
+    ev.add_argument("--languages", help="harness: comma list of es,ca,eu,gl,en (default all); judge: languages of "
+                    "the task (default those with prompt styles filled in)")  # fmt: skip
     ev.add_argument("--limit", type=int, help="harness: examples per task (smoke runs)")
     ev.add_argument("--dry-run", action="store_true", help="harness: print the lm_eval command only")
     ev.add_argument("--debug", action="store_true", help="show the traceback of an error")
