@@ -159,6 +159,62 @@ class MixtureDatasetConfig(_Section):
         return v
 
 
+# The quality filter's default criteria: Prometheus-2's absolute grading wants one "Score n:" line per point of
+# the scale, so the judge anchors its integer to a description rather than to a bare number.
+DEFAULT_QUALITY_RUBRIC = (
+    "[Is the response a helpful, correct and well-written answer to the instruction, in the instruction's language, "
+    "that a model should learn to imitate?]\n"
+    "Score 1: The response is wrong, off-topic, harmful, truncated, or in another language than the instruction.\n"
+    "Score 2: The response addresses the instruction but has major errors or omissions, or is hard to follow.\n"
+    "Score 3: The response is acceptable: mostly correct and relevant, with noticeable flaws in accuracy, "
+    "completeness or style.\n"
+    "Score 4: The response is correct, relevant and clear, with only minor flaws.\n"
+    "Score 5: The response is correct, complete, clear and well organised: an exemplary answer to imitate."
+)
+
+
+class QualityFilterConfig(_Section):
+    """An LLM judge (Prometheus-2 style) scores each candidate conversation; rows below ``threshold`` are dropped.
+
+    Everything that changes a score (model, rubric, scale) or the selection (threshold, on_unscored) enters the
+    mixture's cache key; where the judge is served and how it is called (endpoint, concurrency, timeouts, the
+    score cache's place) does not: the same judge model behind another URL gives the same scores.
+    """
+
+    endpoint: str = Field(
+        pattern=r"^https?://[^/\s]+", description="OpenAI-compatible base URL of the judge, e.g. http://judge:8000/v1"
+    )
+    model: str = Field("prometheus-eval/prometheus-8x7b-v2.0", description="the model name the judge server exposes")
+    rubric: str = Field(DEFAULT_QUALITY_RUBRIC, min_length=1, description="criteria with one 'Score n:' line per point")
+    min_score: int = Field(1, description="lowest score of the scale")
+    max_score: int = Field(5, description="highest score of the scale")
+    threshold: int = Field(description="rows scoring >= threshold are kept; lower scores are dropped and counted")
+    concurrency: int = Field(8, ge=1, le=256, description="judge requests in flight at once")
+    timeout_s: float = Field(600.0, gt=0, description="longest wait for one judgement")
+    retries: int = Field(3, ge=0, description="retries of a request on connection errors, timeouts, HTTP 5xx/429")
+    on_unscored: Literal["drop", "keep"] = Field(
+        "drop", description="a judgement without a valid score: drop the row (counted by reason) or keep it (counted)"
+    )
+    cache_dir: str | None = Field(None, description="where scores are cached (null: <prepared_root>/quality-scores)")
+
+    @model_validator(mode="after")
+    def _scale(self) -> QualityFilterConfig:
+        if self.min_score >= self.max_score:
+            raise ValueError(f"min_score {self.min_score} must be below max_score {self.max_score}")
+        if not self.min_score <= self.threshold <= self.max_score:
+            raise ValueError(f"threshold {self.threshold} is outside the scale {self.min_score}-{self.max_score}")
+        # A rubric without its score lines leaves the judge guessing what each number means (and parse_score
+        # would still accept its integers): refuse it rather than filter on an unanchored scale.
+        missing = [n for n in range(self.min_score, self.max_score + 1)
+                   if not re.search(rf"(?m)^\s*Score {n}\s*:", self.rubric)]  # fmt: skip
+        if missing:
+            raise ValueError(
+                f"rubric has no 'Score n:' line for {missing}: give one line per point of the scale "
+                f"{self.min_score}-{self.max_score}, Prometheus style ('Score {missing[0]}: <what it means>')"
+            )
+        return self
+
+
 class MixtureConfig(_Section):
     """A weighted mixture: exact counts per dataset and language, prepared once by ``alia-nemo prepare``."""
 
@@ -174,6 +230,9 @@ class MixtureConfig(_Section):
     val_fraction: float = Field(0.005, ge=0, lt=1, description="validation rows per dataset and language (extra)")
     max_tokens: int | None = Field(None, gt=0, description="longest conversation kept (null: stage.seq_length)")
     datasets: dict[str, MixtureDatasetConfig] = Field(min_length=1)
+    quality_filter: QualityFilterConfig | None = Field(
+        None, description="LLM-judge quality filter of candidate conversations (null: off)"
+    )
 
 
 class CorpusSourceConfig(_Section):

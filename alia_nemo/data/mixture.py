@@ -2,7 +2,9 @@
 
 ``prepare_mixture`` reads each dataset (hub, hub cache or local files), converts it with its source
 adapter, drops malformed, duplicate and over-long conversations (each counted with its reason),
-selects exactly the configured count per language with a seeded shuffle, holds out a validation share,
+optionally drops conversations an LLM judge scores below a threshold (``data.quality_filter``, off by default:
+:mod:`alia_nemo.data.quality`), selects exactly the configured count per language with a seeded shuffle from
+the rows that passed every filter, holds out a validation share,
 tokenises once with assistant-only masks, and writes Parquet shards plus ``manifest.json`` into a
 directory keyed by a hash of everything that shapes the result (local files by their content's sha256).
 The directory appears atomically: an interrupted build never looks complete, and an identical rebuild is
@@ -33,7 +35,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alia_nemo.config.schema import MixtureConfig, MixtureDatasetConfig
 from alia_nemo.data.cache import (
@@ -48,6 +50,9 @@ from alia_nemo.data.cache import (
 )
 from alia_nemo.data.reader import DataError, InvalidRow, read_local_rows
 from alia_nemo.model.chatml import CHAT_TEMPLATE, ConversationError, tokenize_conversations, validate_conversation
+
+if TYPE_CHECKING:
+    from alia_nemo.data.quality import QualityFilter
 
 SHARD_ROWS = 20_000
 TOKENIZE_BATCH = 256
@@ -183,8 +188,13 @@ def _select_dataset(
     on_shortfall: str,
     seen: dict[str, str],
     progress: bool = True,
+    quality: QualityFilter | None = None,
 ) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """Convert, filter and select one dataset; ``seen`` maps content hashes to the dataset that kept them."""
+    """Convert, filter and select one dataset; ``seen`` maps content hashes to the dataset that kept them.
+
+    With ``quality``, a candidate that passed the other filters is kept only if the judge lets it through; the
+    judge is asked only about candidates the selection reaches (batches of at least ``quality.batch``).
+    """
     from alia_nemo.data.adapters import ADAPTERS, PROMPT_ADAPTERS
 
     if entry.adapter not in ADAPTERS:
@@ -247,6 +257,7 @@ def _select_dataset(
         want_val = math.ceil(wanted * val_fraction) if val_fraction > 0 else 0
         picked, held = [], []
         used = 0
+        judged, kept_unscored = 0, Counter()
         bar = tqdm(total=wanted + want_val, desc=f"{name}/{lang} tokenise", unit=" conv", leave=False,
                    disable=not progress)  # fmt: skip
         # Tokenise in batches of the shuffled pool, and only as far as the counts need.
@@ -255,13 +266,30 @@ def _select_dataset(
                 break
             chunk = pool[start : start + TOKENIZE_BATCH]
             toks = tokenize_conversations(tokenizer, [c["messages"] for c in chunk], [c["id"] for c in chunk])
-            for conv, tok in zip(chunk, toks):
+            fits = [len(tok.input_ids) <= max_tokens for tok in toks]
+            verdicts: dict = {}  # chunk position -> the judge's verdict, fetched a batch ahead
+            for j, (conv, tok) in enumerate(zip(chunk, toks)):
                 if len(picked) >= wanted and len(held) >= want_val:
                     break
                 used += 1
-                if len(tok.input_ids) > max_tokens:
+                if not fits[j]:
                     drops[lang][f"longer than {max_tokens} tokens"] += 1
                     continue
+                if quality is not None:
+                    if j not in verdicts:
+                        # Score the next candidates that fit, as many as are still needed (at least one batch
+                        # for the workers): the judge is asked about what the selection can use, no more.
+                        need = max(wanted - len(picked), 0) + max(want_val - len(held), 0)
+                        ahead = [i for i in range(j, len(chunk)) if fits[i]][: max(need, quality.batch)]
+                        found = quality.score([chunk[i]["messages"] for i in ahead], where=f"{name}/{lang}")
+                        verdicts.update(zip(ahead, found))
+                    judged += 1
+                    reason = quality.decide(verdicts[j])
+                    if reason is not None:
+                        drops[lang][reason] += 1
+                        continue
+                    if verdicts[j].score is None:
+                        kept_unscored[f"quality: {verdicts[j].unscored}"] += 1
                 row = {**conv, "input_ids": tok.input_ids, "loss_mask": tok.loss_mask}
                 (picked if len(picked) < wanted else held).append(row)
                 bar.update()
@@ -287,6 +315,8 @@ def _select_dataset(
             "dropped": dict(drops[lang]),
             "unselected": len(pool) - used,
         }
+        if quality is not None:  # only with the filter on: an unfiltered build's manifest is unchanged
+            langs[lang]["quality"] = {"judged": judged, "kept_unscored": dict(kept_unscored)}
     for lang in set(drops) - set(langs):
         langs[lang] = {"dropped": dict(drops[lang])}
     stats = {
@@ -318,6 +348,10 @@ def cache_key(mix: MixtureConfig, tokenizer, max_tokens: int, seed: int) -> str:
         "exclude_licenses": sorted(mix.exclude_licenses),
         "code": code_version(__name__),
     }
+    if mix.quality_filter is not None:  # absent when off, so a filtered and an unfiltered build never share a key
+        from alia_nemo.data.quality import key_settings
+
+        inputs["quality_filter"] = key_settings(mix.quality_filter)
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -403,17 +437,30 @@ def _build_mixture(
     seen: dict[str, str] = {}
     train, val, report = [], [], {}
     active = active_datasets(mix)
+    quality = None
+    if mix.quality_filter is not None:
+        from alia_nemo.data.quality import QualityFilter
+
+        quality = QualityFilter(mix.quality_filter, Path(mix.prepared_root).expanduser(), error=MixtureError)
     # Bars are closed when an error leaves them (with-blocks), so the CLI's one-line error starts a line.
     with tqdm(total=len(mix.datasets), desc="datasets", disable=not progress) as datasets_bar:
         for name, entry in mix.datasets.items():
             datasets_bar.update()
             _add_dataset(mix, name, entry, active, missing, keyed, tokenizer, max_tokens, seed, progress, seen,
-                         train, val, report)  # fmt: skip
+                         train, val, report, quality)  # fmt: skip
+    if quality is not None:
+        q = quality.report()
+        print(f"[alia-nemo] quality filter: {q['judged']} conversation(s) judged ({q['cache_hits']} score(s) from "
+              f"{q['score_cache']}, {q['requests']} judge request(s)); {q['kept']} kept, dropped {q['dropped'] or 0}"
+              + (f", kept unscored {q['kept_unscored']}" if q["kept_unscored"] else ""),
+              file=sys.stderr, flush=True)  # fmt: skip
     _check_selection(mix, report, train)
 
     random.Random(seed).shuffle(train)  # sources interleaved; the shuffle is part of the cache key (seed)
     files = {"train": _write_shards(train, tmp, "train"), "val": _write_shards(val, tmp, "val") if val else []}
     manifest = _manifest(mix, report, files, key, tokenizer, max_tokens, seed, time.time() - started)
+    if quality is not None:
+        manifest["quality_filter"] = quality.report()
     _composition_plot(manifest, tmp / "composition.png")
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))  # written last
 
@@ -433,6 +480,7 @@ def _add_dataset(
     train: list[dict],
     val: list[dict],
     report: dict[str, dict],
+    quality: QualityFilter | None = None,
 ) -> None:
     """Select one dataset into ``train`` / ``val`` and record its report."""
     from tqdm import tqdm
@@ -452,7 +500,7 @@ def _add_dataset(
     revisions: list[dict] = []
     with tqdm(read_rows(name, entry, revisions), desc=name, unit=" rows", leave=False, disable=not progress) as rows:
         t, v, stats = _select_dataset(
-            name, entry, rows, tokenizer, max_tokens, seed, mix.val_fraction, mix.on_shortfall, seen, progress
+            name, entry, rows, tokenizer, max_tokens, seed, mix.val_fraction, mix.on_shortfall, seen, progress, quality
         )
     for rev in revisions:
         if "sha256" in rev and keyed.get(rev["file"], rev["sha256"]) != rev["sha256"]:
