@@ -330,3 +330,53 @@ def test_resume_after_a_kill_never_asks_the_model_twice_and_matches_an_uninterru
     done, ref = (json.loads((d / "judge.json").read_text()) for d in (out, reference))
     assert done["results"] == ref["results"] and done["instances"] == ref["instances"]
     assert done["results"]["en"]["reasoning_capability"]["mean"] == pytest.approx(REASONING_MEAN)
+
+
+def test_a_local_exported_model_answers_and_every_answer_is_judged(tmp_path, tok, task_file, capsys):
+    """``--model DIR``: the tiny exported model answers every (instance, style) in-process; a judge server that
+    grades by the answer's length shows each graded answer is the model's own text for that styled prompt."""
+    from alia_nemo.model.export import export
+    from tests.helpers import save_peaked_tiny_model
+
+    run = tmp_path / "run"
+    save_peaked_tiny_model(run / "final")
+    tok.save_pretrained(str(run / "final"))
+    model_dir = export(run, tmp_path / "hf")
+    seen: list[tuple[str, str]] = []
+
+    class Judge(BaseHTTPRequestHandler):
+        def do_POST(self):
+            content = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
+            styled = content.split("###The instruction to evaluate:\n", 1)[1].split("\n\n###Response to evaluate:", 1)
+            answer = styled[1].split("\n\n###Score Rubrics:", 1)[0].strip("\n")
+            seen.append((styled[0], answer))
+            verdict = f"Feedback: ok. [RESULT] {1 if 'mathematically correct' in content else 3}"
+            payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": verdict}}]}
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps(payload).encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        argv = ["eval", "judge", "--task", str(task_file), "--model", str(model_dir), "--judge-endpoint",
+                f"http://127.0.0.1:{server.server_address[1]}/v1", "--out", str(tmp_path / "out"),
+                "--instances", "2", "--max-new-tokens", "4", "--languages", "en"]  # fmt: skip
+        assert main(argv) == 0, capsys.readouterr().err
+    finally:
+        server.shutdown()
+        server.server_close()
+    report = json.loads((tmp_path / "out" / "judge.json").read_text())["results"]["en"]
+    assert report["reasoning_capability"]["mean"] == 3 and report["reasoning_capability"]["n_scored"] == 6
+    assert report["mathematical_correctness_binary"]["mean"] == 1 and report["reasoning_capability"]["unparseable"] == {
+        "no [RESULT]": 0,
+        "out of range": 0,
+    }
+    # 2 instances x 3 styles x 2 criteria judged; each styled prompt is one of the card's, its answer generated text
+    assert len(seen) == 12 and len({p for p, _ in seen}) == 6
+    assert all(any(p.startswith(pre) and p.endswith(suf) for pre, suf in CARD_STYLES) for p, _ in seen)
+    assert all(a.strip() for _, a in seen)
