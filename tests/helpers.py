@@ -103,3 +103,35 @@ def uneven_overrides(model_dir: str, data_file: str, output_dir: Path, steps: in
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class ChatServer:
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 for tests: ``reply(request body) -> (HTTP status,
+    message content)`` decides each answer. ``url`` is its /v1 base; ``close()`` stops it."""
+
+    def __init__(self, reply):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                status, content = reply(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(json.dumps(payload).encode())
+                except OSError:
+                    pass  # the client is gone (timed out or killed)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -8,7 +8,6 @@ import re
 import shutil
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from alia_nemo.data.mixture import MixtureError, prepare_mixture
 from alia_nemo.data.quality import SCORES_FILE, render
 from alia_nemo.eval import niah
 from alia_nemo.eval.judge import DEFAULT_JUDGE
+from tests.helpers import ChatServer
 
 THRESHOLD = 4
 BELOW = f"below quality threshold (score < {THRESHOLD})"
@@ -52,25 +52,11 @@ class Judge:
             response = re.search(r"###Response to evaluate:\n(.*)\n\n###Score Rubrics:", content, re.S).group(1)
             return 200, next((v for k, v in VERDICTS.items() if k in response), GOOD)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                status, content = reply(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(json.dumps(payload).encode())
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._server = ChatServer(reply)
+        self.url = self._server.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._server.close()
 
 
 @pytest.fixture

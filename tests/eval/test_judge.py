@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import yaml
 from alia_nemo.cli import main
 from alia_nemo.errors import ConfigError
 from alia_nemo.eval import judge, niah
+from tests.helpers import ChatServer
 
 ROOT = Path(__file__).resolve().parents[2]
 # The card's English Math styles and criteria, as the card prints them.
@@ -97,29 +97,12 @@ class Server:
             qid = re.search(r"QID-(q\w)", content).group(1)
             return 200, f"answer to {qid} style {k}"
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                status, content = reply(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.end_headers()
-                    self.wfile.write(json.dumps(payload).encode())
-                except OSError:
-                    pass  # the client is gone (killed)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._server = ChatServer(reply)
+        self.url = self._server.url
 
     def close(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self._server.close()
 
 
 @pytest.fixture
@@ -344,32 +327,20 @@ def test_a_local_exported_model_answers_and_every_answer_is_judged(tmp_path, tok
     model_dir = export(run, tmp_path / "hf")
     seen: list[tuple[str, str]] = []
 
-    class Judge(BaseHTTPRequestHandler):
-        def do_POST(self):
-            content = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
-            styled = content.split("###The instruction to evaluate:\n", 1)[1].split("\n\n###Response to evaluate:", 1)
-            answer = styled[1].split("\n\n###Score Rubrics:", 1)[0].strip("\n")
-            seen.append((styled[0], answer))
-            verdict = f"Feedback: ok. [RESULT] {1 if 'mathematically correct' in content else 3}"
-            payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": verdict}}]}
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(json.dumps(payload).encode())
+    def grade(body: dict) -> tuple[int, str]:
+        content = body["messages"][-1]["content"]
+        styled = content.split("###The instruction to evaluate:\n", 1)[1].split("\n\n###Response to evaluate:", 1)
+        seen.append((styled[0], styled[1].split("\n\n###Score Rubrics:", 1)[0].strip("\n")))
+        return 200, f"Feedback: ok. [RESULT] {1 if 'mathematically correct' in content else 3}"
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = ChatServer(grade)
     try:
         argv = ["eval", "judge", "--task", str(task_file), "--model", str(model_dir), "--judge-endpoint",
-                f"http://127.0.0.1:{server.server_address[1]}/v1", "--out", str(tmp_path / "out"),
+                server.url, "--out", str(tmp_path / "out"),
                 "--instances", "2", "--max-new-tokens", "4", "--languages", "en"]  # fmt: skip
         assert main(argv) == 0, capsys.readouterr().err
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
     report = json.loads((tmp_path / "out" / "judge.json").read_text())["results"]["en"]
     assert report["reasoning_capability"]["mean"] == 3 and report["reasoning_capability"]["n_scored"] == 6
     assert report["mathematical_correctness_binary"]["mean"] == 1 and report["reasoning_capability"]["unparseable"] == {
