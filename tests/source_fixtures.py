@@ -12,6 +12,7 @@ import datetime as dt
 import random
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from alia_nemo.config.schema import LANGUAGES as ALL_LANGUAGES
@@ -775,3 +776,54 @@ def _oasst2_hand_rows() -> list[dict[str, Any]]:
 
 
 OASST2_ROWS: list[dict[str, Any]] = _oasst2_hand_rows()
+
+
+# ------------------------------------------------------------------ the card's mixture, synthetic
+
+
+def synthetic_mixture(root: Path, scale: float, val_fraction: float = 0.01, **overrides: Any):
+    """A stand-in of the card's 20-source mixture at ``scale`` of its counts, written under ``root``.
+
+    Public sources get raw rows in their own schema (Parquet, through their adapters); internal sources get
+    messages-JSONL files; about 1.3x the requested rows so the filters and validation share have room. Files
+    already under ``root`` are reused (the generator is deterministic). Returns the validated MixtureConfig
+    (prepared_root under ``root``); ``overrides`` set other mixture keys.
+    """
+    import json
+    import math
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alia_nemo.config.compose import load_config
+    from alia_nemo.config.schema import MixtureConfig
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    table = load_config(["data=sft_mixture"]).data
+    datasets = {}
+    for i, (name, entry) in enumerate(table.datasets.items()):
+        counts = {lang: max(1, round(n * scale)) for lang, n in entry.counts.items()}
+        path = root / (f"{name}-{scale:g}.jsonl" if entry.origin.kind == "local" else f"{name}-{scale:g}.parquet")
+        if not path.is_file():
+            rows = []
+            if entry.adapter == "flores":  # sentences of every language share ids; pairs are built across them
+                rows = raw_rows("flores", math.ceil(max(counts.values()) * 1.3) + 8, seed=100 * i, languages=ALL_LANGUAGES)
+            for j, (lang, n) in enumerate(counts.items() if entry.adapter != "flores" else ()):
+                rows += raw_rows(entry.adapter, math.ceil(n * 1.3) + 8, seed=100 * i + j, languages=[lang])
+            tmp = path.with_suffix(".tmp")
+            if entry.origin.kind == "local":
+                with open(tmp, "w", encoding="utf-8") as f:
+                    for r in rows:
+                        f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+            else:
+                pq.write_table(pa.Table.from_pylist(rows), tmp)
+            tmp.rename(path)  # whole files only: a reused stand-in is never half written
+        d = entry.model_dump()
+        d["counts"] = counts
+        d["origin"] = {"kind": entry.origin.kind, "files": [str(path)]}
+        datasets[name] = d
+    return MixtureConfig.model_validate(
+        {**table.model_dump(), "datasets": datasets, "prepared_root": str(root / "prepared"),
+         "val_fraction": val_fraction, **overrides}
+    )  # fmt: skip
