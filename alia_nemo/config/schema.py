@@ -233,6 +233,9 @@ class MixtureConfig(_Section):
     quality_filter: QualityFilterConfig | None = Field(
         None, description="LLM-judge quality filter of candidate conversations (null: off)"
     )
+    workers: int = Field(
+        0, ge=0, description="parallel prepare workers (0: auto; 1: in-process); never changes the result"
+    )
 
 
 class CorpusSourceConfig(_Section):
@@ -272,6 +275,9 @@ class TextCorpusConfig(_Section):
     )
     val_windows: int = Field(0, ge=0, description="windows held out for validation (the first ones packed)")
     max_tokens: int | None = Field(None, gt=0, description="tokens to pack (null: the stage's token budget)")
+    workers: int = Field(
+        0, ge=0, description="parallel prepare workers (0: auto; 1: in-process); never changes the result"
+    )
 
 
 AnyDataConfig = Annotated[DataConfig | MixtureConfig | TextCorpusConfig, Field(discriminator="format")]

@@ -33,9 +33,12 @@ import sys
 import time
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from alia_nemo.config.schema import MixtureConfig, MixtureDatasetConfig
 from alia_nemo.data.cache import (
@@ -49,13 +52,16 @@ from alia_nemo.data.cache import (
     tokenizer_hash,
 )
 from alia_nemo.data.reader import DataError, InvalidRow, read_local_rows
+from alia_nemo.data.spill import ConversationSpill, RowStore
+from alia_nemo.data.workers import Workers
 from alia_nemo.model.chatml import CHAT_TEMPLATE, ConversationError, tokenize_conversations, validate_conversation
 
 if TYPE_CHECKING:
     from alia_nemo.data.quality import QualityFilter
 
 SHARD_ROWS = 20_000
-TOKENIZE_BATCH = 256
+WRITE_ROWS = 2_000  # rows per Parquet row group: what a shard writer holds in memory
+TOKENIZE_BATCH = 256  # conversations per worker task
 INTERNAL_FORMAT = (
     "messages JSONL (one {'id', 'language', 'messages': [{'role', 'content'}, ...]} object per line) "
     "or Parquet with the same columns"
@@ -177,21 +183,70 @@ def _quantiles(values: list[int]) -> dict[str, int | float]:
     }
 
 
+def content_digest(messages: list[dict[str, str]]) -> bytes:
+    """:func:`content_hash` as 32 raw bytes (what the duplicate filter keeps in memory: half the size)."""
+    return bytes.fromhex(content_hash(messages))
+
+
+def check_and_digest(tokenizer, convs: list[dict]) -> list[tuple[str | None, bytes | None]]:
+    """Per conversation: the shape problem's reason (None when fine) or its content digest (a worker task)."""
+    out: list[tuple[str | None, bytes | None]] = []
+    for conv in convs:
+        try:
+            validate_conversation(conv["messages"], conv["id"])
+        except ConversationError as exc:
+            out.append((exc.reason, None))
+            continue
+        out.append((None, content_digest(conv["messages"])))
+    return out
+
+
+def tokenize_batch(tokenizer, convs: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Token ids (int32) and assistant-only loss masks (int8) of conversations (a worker task)."""
+    toks = tokenize_conversations(tokenizer, [c["messages"] for c in convs], [c["id"] for c in convs])
+    return [(np.asarray(t.input_ids, dtype=np.int32), np.asarray(t.loss_mask, dtype=np.int8)) for t in toks]
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@dataclass
+class _Output:
+    """Where a build puts its selected rows (on disk) and what it remembers of them (lengths, for the report)."""
+
+    train: RowStore
+    val: RowStore
+    scratch: Path
+    workers: Workers
+
+
 def _select_dataset(
     name: str,
     entry: MixtureDatasetConfig,
     rows: Iterable[dict],
-    tokenizer,
     max_tokens: int,
     seed: int,
     val_fraction: float,
     on_shortfall: str,
-    seen: dict[str, str],
+    seen: dict[bytes, str],
+    out: _Output,
     progress: bool = True,
     quality: QualityFilter | None = None,
-) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """Convert, filter and select one dataset; ``seen`` maps content hashes to the dataset that kept them.
+) -> dict[str, Any]:
+    """Convert, filter and select one dataset into ``out``; ``seen`` maps content digests to the dataset that
+    kept them. Returns the dataset's report.
 
+    Streams: converted conversations go to a spill file and only their indices stay in memory; selected rows
+    are appended to ``out``'s stores. Shape checks, hashing and tokenising run on ``out.workers`` in batches,
+    their results consumed in order, so what is selected never depends on the number of workers.
     With ``quality``, a candidate that passed the other filters is kept only if the judge lets it through; the
     judge is asked only about candidates the selection reaches (batches of at least ``quality.batch``).
     """
@@ -215,7 +270,6 @@ def _select_dataset(
                 continue
             yield row
 
-    by_lang: dict[str, list[dict]] = defaultdict(list)
     drops: dict[str, Counter] = defaultdict(Counter)
     converted = Counter()
     try:
@@ -224,109 +278,156 @@ def _select_dataset(
         )
     except ValueError as exc:  # an adapter's option check (dolly without options.language)
         raise MixtureError(f"dataset {name!r}: {exc}") from None
-    for conv in conversations:
-        lang = conv["language"]
-        if lang not in entry.counts:  # adapters filter already; counted all the same, so the rows balance
-            adapter_drops[(lang, "language_not_requested")] += 1
-            continue
-        converted[lang] += 1
-        try:
-            validate_conversation(conv["messages"], conv["id"])
-        except ConversationError as exc:
-            drops[lang][exc.reason] += 1
-            continue
-        digest = content_hash(conv["messages"])
-        if digest in seen:
-            first = seen[digest]
-            # The shared filter keeps a conversation once, in the first dataset that has it: say which one.
-            reason = "duplicate (same normalised content)" if first == name else f"duplicate of dataset {first!r}"
-            drops[lang][reason] += 1
-            continue
-        seen[digest] = name
-        by_lang[lang].append(conv)
 
-    from tqdm import tqdm
+    def requested(convs: Iterable[dict]) -> Iterator[dict]:
+        for conv in convs:
+            lang = conv["language"]
+            if lang not in entry.counts:  # adapters filter already; counted all the same, so the rows balance
+                adapter_drops[(lang, "language_not_requested")] += 1
+                continue
+            converted[lang] += 1
+            yield conv
 
-    train, val, langs = [], [], {}
-    for lang, wanted in entry.counts.items():
-        pool = by_lang.get(lang, [])
-        random.Random(f"{seed}:{name}:{lang}").shuffle(pool)
-        # An adapter may rank its records (flores: every sentence once before a second source for any): lower
-        # tiers are taken first, each in its shuffled order (the sort is stable).
-        pool.sort(key=lambda conv: conv.get("tier", 0))
-        want_val = math.ceil(wanted * val_fraction) if val_fraction > 0 else 0
-        picked, held = [], []
-        used = 0
-        judged, kept_unscored = 0, Counter()
-        bar = tqdm(total=wanted + want_val, desc=f"{name}/{lang} tokenise", unit=" conv", leave=False,
-                   disable=not progress)  # fmt: skip
-        # Tokenise in batches of the shuffled pool, and only as far as the counts need.
-        for start in range(0, len(pool), TOKENIZE_BATCH):
-            if len(picked) >= wanted and len(held) >= want_val:
-                break
-            chunk = pool[start : start + TOKENIZE_BATCH]
-            toks = tokenize_conversations(tokenizer, [c["messages"] for c in chunk], [c["id"] for c in chunk])
-            fits = [len(tok.input_ids) <= max_tokens for tok in toks]
-            verdicts: dict = {}  # chunk position -> the judge's verdict, fetched a batch ahead
-            for j, (conv, tok) in enumerate(zip(chunk, toks)):
-                if len(picked) >= wanted and len(held) >= want_val:
-                    break
-                used += 1
-                if not fits[j]:
-                    drops[lang][f"longer than {max_tokens} tokens"] += 1
+    spill = ConversationSpill(out.scratch / f"{name}.candidates.jsonl")
+    try:
+        by_lang: dict[str, list[int]] = defaultdict(list)  # spill indices, in reading order
+        tiers: list[int] = []  # an adapter's rank of each spilled conversation (flores), 0 for most
+        checked = out.workers.imap(check_and_digest, _batches(requested(conversations), TOKENIZE_BATCH))
+        for batch, results in checked:
+            for conv, (reason, digest) in zip(batch, results):
+                lang = conv["language"]
+                if reason is not None:
+                    drops[lang][reason] += 1
                     continue
-                if quality is not None:
-                    if j not in verdicts:
-                        # Score the next candidates that fit, as many as are still needed (at least one batch
-                        # for the workers): the judge is asked about what the selection can use, no more.
-                        need = max(wanted - len(picked), 0) + max(want_val - len(held), 0)
-                        ahead = [i for i in range(j, len(chunk)) if fits[i]][: max(need, quality.batch)]
-                        found = quality.score([chunk[i]["messages"] for i in ahead], where=f"{name}/{lang}")
-                        verdicts.update(zip(ahead, found))
-                    judged += 1
-                    reason = quality.decide(verdicts[j])
-                    if reason is not None:
-                        drops[lang][reason] += 1
-                        continue
-                    if verdicts[j].score is None:
-                        kept_unscored[f"quality: {verdicts[j].unscored}"] += 1
-                row = {**conv, "input_ids": tok.input_ids, "loss_mask": tok.loss_mask}
-                (picked if len(picked) < wanted else held).append(row)
-                bar.update()
-        bar.close()
-        shortfall = wanted - len(picked)
-        repeated = 0
-        if shortfall and on_shortfall == "repeat" and picked:
-            extra = [dict(picked[i % len(picked)], id=f"{picked[i % len(picked)]['id']}#r{i // len(picked) + 1}")
-                     for i in range(shortfall)]  # fmt: skip
-            picked += extra
-            repeated, shortfall = len(extra), 0
-        train += picked
-        val += held
-        langs[lang] = {
-            "requested": wanted,
-            "selected": len(picked) - repeated,
-            "repeated": repeated,
-            "shortfall": shortfall,
-            "val": len(held),
-            "val_requested": want_val,
-            "val_shortfall": want_val - len(held),
-            "converted": converted[lang],
-            "dropped": dict(drops[lang]),
-            "unselected": len(pool) - used,
-        }
-        if quality is not None:  # only with the filter on: an unfiltered build's manifest is unchanged
-            langs[lang]["quality"] = {"judged": judged, "kept_unscored": dict(kept_unscored)}
+                if digest in seen:
+                    first = seen[digest]
+                    # The shared filter keeps a conversation once, in the first dataset that has it: say which one.
+                    why = "duplicate (same normalised content)" if first == name else f"duplicate of dataset {first!r}"
+                    drops[lang][why] += 1
+                    continue
+                seen[digest] = name
+                by_lang[lang].append(spill.append(conv))
+                tiers.append(conv.get("tier", 0))
+        langs = {}
+        lengths: list[int] = []
+        for lang, wanted in entry.counts.items():
+            langs[lang] = _select_language(
+                name, lang, wanted, by_lang.get(lang, []), tiers, spill, max_tokens, seed, val_fraction,
+                on_shortfall, out, drops[lang], converted[lang], lengths, progress, quality,
+            )  # fmt: skip
+    finally:
+        spill.close()
     for lang in set(drops) - set(langs):
         langs[lang] = {"dropped": dict(drops[lang])}
-    stats = {
+    return {
         "input_rows": counted_rows["rows"],
         "converted": sum(converted.values()),
         "adapter_drops": {f"{lang}: {reason}": n for (lang, reason), n in sorted(adapter_drops.items())},
         "languages": langs,
-        "tokens": _quantiles([len(r["input_ids"]) for r in train]),
+        "tokens": _quantiles(lengths),
     }
-    return train, val, stats
+
+
+def _select_language(
+    name: str,
+    lang: str,
+    wanted: int,
+    pool: list[int],
+    tiers: list[int],
+    spill: ConversationSpill,
+    max_tokens: int,
+    seed: int,
+    val_fraction: float,
+    on_shortfall: str,
+    out: _Output,
+    drops: Counter,
+    converted: int,
+    lengths: list[int],
+    progress: bool,
+    quality: QualityFilter | None,
+) -> dict[str, Any]:
+    """Pick ``wanted`` training rows (+ the validation share) of one language from its candidates, in a seeded
+    order; append them to ``out`` and their lengths to ``lengths``. Returns the language's report."""
+    from tqdm import tqdm
+
+    random.Random(f"{seed}:{name}:{lang}").shuffle(pool)
+    # An adapter may rank its records (flores: every sentence once before a second source for any): lower
+    # tiers are taken first, each in its shuffled order (the sort is stable).
+    pool.sort(key=tiers.__getitem__)
+    want_val = math.ceil(wanted * val_fraction) if val_fraction > 0 else 0
+    picked: list[int] = []  # indices in out.train
+    held = 0
+    used = 0
+    judged, kept_unscored = 0, Counter()
+    bar = tqdm(total=wanted + want_val, desc=f"{name}/{lang} tokenise", unit=" conv", leave=False,
+               disable=not progress)  # fmt: skip
+    # Tokenise in batches of the shuffled pool, and (give or take the workers' read-ahead) only as far as the
+    # counts need.
+    chunks = ([spill.get(i) for i in pool[start : start + TOKENIZE_BATCH]] for start in range(0, len(pool), TOKENIZE_BATCH))
+    for chunk, toks in out.workers.imap(tokenize_batch, chunks):
+        if len(picked) >= wanted and held >= want_val:
+            break
+        fits = [len(ids) <= max_tokens for ids, _ in toks]
+        verdicts: dict = {}  # chunk position -> the judge's verdict, fetched a batch ahead
+        for j, (conv, (ids, mask)) in enumerate(zip(chunk, toks)):
+            if len(picked) >= wanted and held >= want_val:
+                break
+            used += 1
+            if not fits[j]:
+                drops[f"longer than {max_tokens} tokens"] += 1
+                continue
+            if quality is not None:
+                if j not in verdicts:
+                    # Score the next candidates that fit, as many as are still needed (at least one batch
+                    # for the workers): the judge is asked about what the selection can use, no more.
+                    need = max(wanted - len(picked), 0) + max(want_val - held, 0)
+                    ahead = [i for i in range(j, len(chunk)) if fits[i]][: max(need, quality.batch)]
+                    found = quality.score([chunk[i]["messages"] for i in ahead], where=f"{name}/{lang}")
+                    verdicts.update(zip(ahead, found))
+                judged += 1
+                reason = quality.decide(verdicts[j])
+                if reason is not None:
+                    drops[reason] += 1
+                    continue
+                if verdicts[j].score is None:
+                    kept_unscored[f"quality: {verdicts[j].unscored}"] += 1
+            if len(picked) < wanted:
+                picked.append(out.train.append(_meta(conv), ids, mask))
+                lengths.append(len(ids))
+            else:
+                out.val.append(_meta(conv), ids, mask)
+                held += 1
+            bar.update()
+    bar.close()
+    shortfall = wanted - len(picked)
+    repeated = 0
+    if shortfall and on_shortfall == "repeat" and picked:
+        for i in range(shortfall):
+            meta, ids, mask = out.train.get(picked[i % len(picked)])
+            out.train.append({**meta, "id": f"{meta['id']}#r{i // len(picked) + 1}"}, ids, mask)
+            lengths.append(len(ids))
+        repeated, shortfall = shortfall, 0
+    report = {
+        "requested": wanted,
+        "selected": len(picked),
+        "repeated": repeated,
+        "shortfall": shortfall,
+        "val": held,
+        "val_requested": want_val,
+        "val_shortfall": want_val - held,
+        "converted": converted,
+        "dropped": dict(drops),
+        "unselected": len(pool) - used,
+    }
+    if quality is not None:  # only with the filter on: an unfiltered build's manifest is unchanged
+        report["quality"] = {"judged": judged, "kept_unscored": dict(kept_unscored)}
+    return report
+
+
+def _meta(conv: dict[str, Any]) -> dict[str, Any]:
+    """What a prepared row keeps besides its tokens (the shards' text columns)."""
+    return {"id": conv["id"], "source": conv["source"], "language": conv["language"],
+            "messages": json.dumps(conv["messages"], ensure_ascii=False)}  # fmt: skip
 
 
 def cache_key(mix: MixtureConfig, tokenizer, max_tokens: int, seed: int) -> str:
@@ -355,26 +456,33 @@ def cache_key(mix: MixtureConfig, tokenizer, max_tokens: int, seed: int) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def _write_shards(rows: list[dict], out: Path, split: str) -> list[str]:
+def _write_shards(store: RowStore, order: Sequence[int], out: Path, split: str) -> list[str]:
+    """Rows of ``store`` in ``order`` as Parquet shards of :data:`SHARD_ROWS` rows, written in row groups of
+    :data:`WRITE_ROWS` (memory: one row group, whatever the mixture's size)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("language", pa.string()),
+                        ("messages", pa.string()), ("input_ids", pa.list_(pa.int32())),
+                        ("loss_mask", pa.list_(pa.int8()))])  # fmt: skip
     names = []
-    n_shards = max(1, math.ceil(len(rows) / SHARD_ROWS))
+    n_shards = max(1, math.ceil(len(order) / SHARD_ROWS))
     for i in range(n_shards):
-        chunk = rows[i * SHARD_ROWS : (i + 1) * SHARD_ROWS]
-        table = pa.table(
-            {
-                "id": [r["id"] for r in chunk],
-                "source": [r["source"] for r in chunk],
-                "language": [r["language"] for r in chunk],
-                "messages": [json.dumps(r["messages"], ensure_ascii=False) for r in chunk],
-                "input_ids": pa.array([r["input_ids"] for r in chunk], type=pa.list_(pa.int32())),
-                "loss_mask": pa.array([r["loss_mask"] for r in chunk], type=pa.list_(pa.int8())),
-            }
-        )
         name = f"{split}-{i:05d}-of-{n_shards:05d}.parquet"
-        pq.write_table(table, out / name)
+        with pq.ParquetWriter(out / name, schema) as writer:
+            shard = order[i * SHARD_ROWS : (i + 1) * SHARD_ROWS]
+            for start in range(0, len(shard), WRITE_ROWS):
+                rows = [store.get(k) for k in shard[start : start + WRITE_ROWS]]
+                offsets = np.cumsum([0] + [len(ids) for _, ids, _ in rows], dtype=np.int32)
+                columns = {key: pa.array([meta[key] for meta, _, _ in rows], pa.string())
+                           for key in ("id", "source", "language", "messages")}  # fmt: skip
+                columns["input_ids"] = pa.ListArray.from_arrays(
+                    pa.array(offsets), pa.array(np.concatenate([ids for _, ids, _ in rows]), pa.int32())
+                )
+                columns["loss_mask"] = pa.ListArray.from_arrays(
+                    pa.array(offsets), pa.array(np.concatenate([mask for _, _, mask in rows]), pa.int8())
+                )
+                writer.write_table(pa.table(columns, schema=schema))
         names.append(name)
     return names
 
@@ -383,12 +491,21 @@ def _write_shards(rows: list[dict], out: Path, split: str) -> list[str]:
 
 
 def prepare_mixture(
-    mix: MixtureConfig, tokenizer, max_tokens: int, seed: int, progress: bool = True, wait_s: float = WAIT_S
+    mix: MixtureConfig,
+    tokenizer,
+    max_tokens: int,
+    seed: int,
+    progress: bool = True,
+    wait_s: float = WAIT_S,
+    workers: int | None = None,
+    address: str | None = None,
 ) -> Path:
     """Build (or find in the cache) the prepared mixture and return its directory.
 
     A concurrent ``prepare`` of the same inputs (another process, another host sharing the filesystem) is
-    waited for, up to ``wait_s`` seconds, and its result reused (:func:`build_cached`).
+    waited for, up to ``wait_s`` seconds, and its result reused (:func:`build_cached`). ``workers`` (default
+    ``data.workers``; 0: auto) and ``address`` (a Ray cluster; None: this machine) say where checks, hashing and
+    tokenising run (:mod:`alia_nemo.data.workers`); the result is the same whatever they are.
     """
     missing = missing_files(mix)
     if missing and not mix.allow_missing_internal:
@@ -412,7 +529,12 @@ def prepare_mixture(
     final = cache_dir(root, mix.name, key[:16], "data.name", MixtureError)
 
     def build(tmp: Path) -> None:
-        _build_mixture(mix, tokenizer, max_tokens, seed, progress, missing, key, keyed, tmp)
+        requested = sum(sum(d.counts.values()) for d in active_datasets(mix).values())
+        n = mix.workers if workers is None else workers
+        with Workers(tokenizer, n, requested, address) as pool:
+            if pool.backend != "inline" and progress:
+                print(f"[alia-nemo] checking and tokenising on {pool.describe()}", file=sys.stderr, flush=True)
+            _build_mixture(mix, tokenizer, max_tokens, seed, progress, missing, key, keyed, tmp, pool)
 
     return build_cached(
         root, final, key, build, what=f"prepare of mixture {mix.name}", error=MixtureError, wait_s=wait_s
@@ -429,13 +551,21 @@ def _build_mixture(
     key: str,
     keyed: dict[str, str],
     tmp: Path,
+    workers: Workers,
 ) -> None:
-    """Read, select and tokenise every dataset and write the shards and (last) ``manifest.json`` into ``tmp``."""
+    """Read, select and tokenise every dataset and write the shards and (last) ``manifest.json`` into ``tmp``.
+
+    Memory stays flat: selected rows wait on disk in ``tmp/.scratch`` (removed before the manifest is written);
+    what stays in memory is one digest per candidate conversation (the duplicate filter) and row offsets.
+    """
     from tqdm import tqdm
 
     started = time.time()
-    seen: dict[str, str] = {}
-    train, val, report = [], [], {}
+    seen: dict[bytes, str] = {}
+    report: dict[str, dict] = {}
+    scratch = tmp / ".scratch"
+    scratch.mkdir()
+    out = _Output(RowStore(scratch / "train"), RowStore(scratch / "val"), scratch, workers)
     active = active_datasets(mix)
     quality = None
     if mix.quality_filter is not None:
@@ -446,18 +576,27 @@ def _build_mixture(
     with tqdm(total=len(mix.datasets), desc="datasets", disable=not progress) as datasets_bar:
         for name, entry in mix.datasets.items():
             datasets_bar.update()
-            _add_dataset(mix, name, entry, active, missing, keyed, tokenizer, max_tokens, seed, progress, seen,
-                         train, val, report, quality)  # fmt: skip
+            _add_dataset(mix, name, entry, active, missing, keyed, max_tokens, seed, progress, seen, out, report,
+                         quality)  # fmt: skip
     if quality is not None:
         q = quality.report()
         print(f"[alia-nemo] quality filter: {q['judged']} conversation(s) judged ({q['cache_hits']} score(s) from "
               f"{q['score_cache']}, {q['requests']} judge request(s)); {q['kept']} kept, dropped {q['dropped'] or 0}"
               + (f", kept unscored {q['kept_unscored']}" if q["kept_unscored"] else ""),
               file=sys.stderr, flush=True)  # fmt: skip
-    _check_selection(mix, report, train)
+    _check_selection(mix, report, len(out.train))
 
-    random.Random(seed).shuffle(train)  # sources interleaved; the shuffle is part of the cache key (seed)
-    files = {"train": _write_shards(train, tmp, "train"), "val": _write_shards(val, tmp, "val") if val else []}
+    # Sources interleaved; the shuffle is part of the cache key (seed). Shuffling row indices gives the same
+    # permutation as shuffling the rows (it depends on the length only).
+    order = list(range(len(out.train)))
+    random.Random(seed).shuffle(order)
+    files = {
+        "train": _write_shards(out.train, order, tmp, "train"),
+        "val": _write_shards(out.val, range(len(out.val)), tmp, "val") if len(out.val) else [],
+    }
+    out.train.close()
+    out.val.close()
+    scratch.rmdir()
     manifest = _manifest(mix, report, files, key, tokenizer, max_tokens, seed, time.time() - started)
     if quality is not None:
         manifest["quality_filter"] = quality.report()
@@ -472,17 +611,15 @@ def _add_dataset(
     active: dict[str, MixtureDatasetConfig],
     missing: dict[str, list[str]],
     keyed: dict[str, str],
-    tokenizer,
     max_tokens: int,
     seed: int,
     progress: bool,
-    seen: dict[str, str],
-    train: list[dict],
-    val: list[dict],
+    seen: dict[bytes, str],
+    out: _Output,
     report: dict[str, dict],
     quality: QualityFilter | None = None,
 ) -> None:
-    """Select one dataset into ``train`` / ``val`` and record its report."""
+    """Select one dataset into ``out`` and record its report."""
     from tqdm import tqdm
 
     if name not in active:
@@ -499,16 +636,14 @@ def _add_dataset(
         return
     revisions: list[dict] = []
     with tqdm(read_rows(name, entry, revisions), desc=name, unit=" rows", leave=False, disable=not progress) as rows:
-        t, v, stats = _select_dataset(
-            name, entry, rows, tokenizer, max_tokens, seed, mix.val_fraction, mix.on_shortfall, seen, progress, quality
+        stats = _select_dataset(
+            name, entry, rows, max_tokens, seed, mix.val_fraction, mix.on_shortfall, seen, out, progress, quality
         )
     for rev in revisions:
         if "sha256" in rev and keyed.get(rev["file"], rev["sha256"]) != rev["sha256"]:
             raise MixtureError(
                 f"dataset {name!r}: {rev['file']} changed while prepare read it; rerun prepare once it is final"
             )
-    train += t
-    val += v
     report[name] = {
         "licence": entry.licence,
         "origin": entry.origin.model_dump(exclude_none=True),
@@ -517,7 +652,7 @@ def _add_dataset(
     }
 
 
-def _check_selection(mix: MixtureConfig, report: dict[str, dict], train: list[dict]) -> None:
+def _check_selection(mix: MixtureConfig, report: dict[str, dict], train_rows: int) -> None:
     """Stop on a shortfall (on_shortfall=error) or an empty training set; warn of empty datasets and of
     validation shortfalls (both recorded in the manifest)."""
     shortfalls = [
@@ -534,7 +669,7 @@ def _check_selection(mix: MixtureConfig, report: dict[str, dict], train: list[di
             "or set data.on_shortfall=repeat (reuse rows) or data.on_shortfall=take_all (train on fewer); either "
             "is recorded in the manifest"
         )
-    if not train:
+    if not train_rows:
         # take_all (or repeat) over nothing: training would die later in its sampler, far from the cause.
         raise MixtureError(f"mixture {mix.name!r} has no training conversation: " + _empty_datasets(report))
     empty = [name for name, r in report.items() if "input_rows" in r and not r["tokens"].get("count")]

@@ -128,7 +128,7 @@ def cache_key(corpus: TextCorpusConfig, tokenizer, seq_length: int, tokens: int,
             d["files"] = [file_fingerprint(f) for f in expand_files(name, src.files or [])]
         sources[name] = d
     inputs = {
-        "corpus": {**corpus.model_dump(mode="json", exclude={"prepared_root", "name"}), "sources": sources},
+        "corpus": {**corpus.model_dump(mode="json", exclude={"prepared_root", "name", "workers"}), "sources": sources},
         "tokenizer": tokenizer_hash(tokenizer),
         "seq_length": seq_length,
         "tokens": tokens,

@@ -125,7 +125,10 @@ class Mixture(DataSource):
     def prepare(self, cfg: AliaConfig, stage: ResolvedStage, tokenizer, progress: bool = True) -> Path:
         from alia_nemo.data.mixture import prepare_mixture
 
-        return prepare_mixture(cfg.data, tokenizer, stage.max_tokens, cfg.run.seed, progress=progress)  # type: ignore[arg-type]
+        from alia_nemo.data.workers import cluster_address
+
+        return prepare_mixture(cfg.data, tokenizer, stage.max_tokens, cfg.run.seed, progress=progress,  # type: ignore[arg-type]
+                               address=cluster_address(cfg))  # fmt: skip
 
     def count(self, cfg: AliaConfig, manifest: dict[str, Any] | None, train_tokens: int | None) -> Counts:
         from alia_nemo.config.resolve import validation_count
