@@ -363,7 +363,8 @@ def _select_language(
                disable=not progress)  # fmt: skip
     # Tokenise in batches of the shuffled pool, and (give or take the workers' read-ahead) only as far as the
     # counts need.
-    chunks = ([spill.get(i) for i in pool[start : start + TOKENIZE_BATCH]] for start in range(0, len(pool), TOKENIZE_BATCH))
+    starts = range(0, len(pool), TOKENIZE_BATCH)
+    chunks = ([spill.get(i) for i in pool[start : start + TOKENIZE_BATCH]] for start in starts)
     for chunk, toks in out.workers.imap(tokenize_batch, chunks):
         if len(picked) >= wanted and held >= want_val:
             break

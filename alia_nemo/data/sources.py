@@ -124,7 +124,6 @@ class Mixture(DataSource):
 
     def prepare(self, cfg: AliaConfig, stage: ResolvedStage, tokenizer, progress: bool = True) -> Path:
         from alia_nemo.data.mixture import prepare_mixture
-
         from alia_nemo.data.workers import cluster_address
 
         return prepare_mixture(cfg.data, tokenizer, stage.max_tokens, cfg.run.seed, progress=progress,  # type: ignore[arg-type]

@@ -158,7 +158,9 @@ class Workers:
 
         return ray.get(handle)
 
-    def imap(self, fn: Callable[[Any, Any], Any], items: Iterable[Any], ahead: int | None = None) -> Iterator[tuple[Any, Any]]:
+    def imap(
+        self, fn: Callable[[Any, Any], Any], items: Iterable[Any], ahead: int | None = None
+    ) -> Iterator[tuple[Any, Any]]:
         """``(item, fn(tokenizer, item))`` for each item, in order, with at most ``ahead`` (default 2 x workers)
         pending.
 

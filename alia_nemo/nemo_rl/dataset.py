@@ -3,13 +3,16 @@
 NeMo-RL builds it as ``AliaSFTDataset(**data.train)`` and then calls ``set_task_spec`` and
 ``set_processor``; it reads ``task_name``, ``dataset``, ``val_dataset``, ``task_spec`` and ``processor``.
 Rows are read from the mixture's Parquet shards, memory-mapped by ``datasets``; each row gives
-``messages`` (decoded on access), ``task_name``, ``id``, ``source`` and ``language``.
+``messages`` (decoded on access), ``task_name``, ``id``, ``source`` and ``language``, and the token ids and loss
+mask ``prepare`` stored (``input_ids``, ``loss_mask``) with the hashes of the tokenizer and template that made them
+(``prepared_tokenizer_sha256``, ``prepared_template_sha256``), so the processor does not tokenise again.
 NeMo-RL is imported only inside ``set_task_spec``/``set_processor``, which only NeMo-RL calls.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +27,14 @@ class AliaDataError(AliaError, ValueError):
     """A prepared mixture that can not be read; names the path and how to build it."""
 
 
-def _decode(batch: dict[str, list]) -> dict[str, list]:
+def _decode(batch: dict[str, list], prepared_with: dict[str, str] | None = None) -> dict[str, list]:
     batch = dict(batch)
     batch["messages"] = [json.loads(m) for m in batch["messages"]]
+    if prepared_with and "input_ids" in batch:
+        # What the stored ids were made with: the processor uses them only for the same tokenizer and template.
+        n = len(batch["messages"])
+        for key, value in prepared_with.items():
+            batch[key] = [value] * n
     return batch
 
 
@@ -44,13 +52,21 @@ def shard_files(directory: Path, names: list[str], kind: str = "prepared mixture
     return files
 
 
-def _load_split(directory: Path, names: list[str], task_name: str):
+STORED_COLUMNS = ("input_ids", "loss_mask")
+
+
+def _load_split(directory: Path, names: list[str], task_name: str, prepared_with: dict[str, str] | None = None):
     import datasets
+    import pyarrow.parquet as pq
 
     files = shard_files(directory, names)
-    ds = datasets.Dataset.from_parquet(files, columns=["id", "source", "language", "messages"])
+    columns = ["id", "source", "language", "messages"]
+    if files and all(c in pq.read_schema(files[0]).names for c in STORED_COLUMNS):
+        columns += STORED_COLUMNS  # tokenised by prepare: the processor need not tokenise again
+    ds = datasets.Dataset.from_parquet(files, columns=columns)
     ds = ds.add_column("task_name", [task_name] * len(ds))
-    ds.set_transform(_decode)  # JSON -> list of messages when a row is read, not for the whole set up front
+    # JSON -> list of messages when a row is read, not for the whole set up front
+    ds.set_transform(partial(_decode, prepared_with=prepared_with))
     return ds
 
 
@@ -158,7 +174,10 @@ class AliaSFTDataset(PreparedRawDataset):
     )
 
     def load_split(self, directory: Path, names: list[str], task_name: str):
-        return _load_split(directory, names, task_name)
+        tokenizer = self.manifest.get("tokenizer") or {}
+        prepared_with = {"prepared_tokenizer_sha256": tokenizer.get("sha256"),
+                         "prepared_template_sha256": self.manifest.get("template_sha256")}  # fmt: skip
+        return _load_split(directory, names, task_name, prepared_with)
 
     def processor_function(self):
         from alia_nemo.nemo_rl.processor import alia_sft_processor

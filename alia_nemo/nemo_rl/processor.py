@@ -5,15 +5,56 @@ an ``assistant`` entry is trained). So the log is cut at our mask's edges: ``ass
 exactly the trained tokens (assistant content + its ``<|im_end|>``) and everything else (BOS, system and
 user turns, the ``<|im_start|>assistant\\n`` headers, the newlines between turns) sits in entries named
 for the turn they start with. No NeMo-RL import is needed: DatumSpec is a plain dict.
+
+Tokenise once: rows of a prepared mixture carry the ids and mask ``prepare`` computed, with the hashes of the
+tokenizer and template that made them; when they match the training tokenizer and our template, the message log
+is cut from the stored ids without tokenising again (:func:`stored_tokens_usable`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from alia_nemo.model.chatml import render_segments, tokenize_conversation
+from alia_nemo.data.cache import tokenizer_hash
+from alia_nemo.model.chatml import CHAT_TEMPLATE, render_segments, tokenize_conversation
+
+_RUNS = re.compile(rb"\x00+|\x01+")
+TEMPLATE_SHA256 = hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()
+_TOKENIZER_HASHES: dict[int, str] = {}  # id(tokenizer) -> its hash, computed once per process
+_WARNED: set[tuple[str, str]] = set()
+
+
+def stored_tokens_usable(datum: Mapping[str, Any], tokenizer: Any) -> bool:
+    """Whether ``datum`` carries ids and a mask that ``prepare`` made with this tokenizer and our template.
+
+    A mismatch (a different tokenizer or template than the mixture was prepared with) is said once per
+    process: the conversations are tokenised again, so what is trained follows the training tokenizer.
+    """
+    if datum.get("input_ids") is None or datum.get("loss_mask") is None:
+        return False
+    key = id(tokenizer)
+    if key not in _TOKENIZER_HASHES:
+        _TOKENIZER_HASHES[key] = tokenizer_hash(tokenizer)
+    problems = []
+    if datum.get("prepared_tokenizer_sha256") != _TOKENIZER_HASHES[key]:
+        problems.append(f"tokenizer (prepared with {str(datum.get('prepared_tokenizer_sha256'))[:12]}, training "
+                        f"with {_TOKENIZER_HASHES[key][:12]})")  # fmt: skip
+    if datum.get("prepared_template_sha256") != TEMPLATE_SHA256:
+        problems.append("chat template")
+    if problems:
+        why = (str(datum.get("prepared_tokenizer_sha256")), str(datum.get("prepared_template_sha256")))
+        if why not in _WARNED:
+            _WARNED.add(why)
+            print("[alia-nemo] warning: the prepared mixture's token ids were made with another "
+                  f"{' and '.join(problems)}; "
+                  "tokenising every conversation again (slower). Prepare the mixture with the tokenizer you train "
+                  "with (alia-nemo compile does).", file=sys.stderr, flush=True)  # fmt: skip
+        return False
+    return True
 
 
 def segment_message_log(
@@ -25,12 +66,9 @@ def segment_message_log(
     turns them into tensors). Concatenating the entries gives back ``input_ids``; an entry's role is
     ``assistant`` exactly when its tokens are trained.
     """
-    runs: list[tuple[int, int, int]] = []  # (start, end, trained)
-    for i, m in enumerate(loss_mask):
-        if runs and runs[-1][2] == m:
-            runs[-1] = (runs[-1][0], i + 1, m)
-        else:
-            runs.append((i, i + 1, int(m)))
+    # Runs of equal mask values, found by the regex engine over the mask's bytes (C speed, not a Python loop).
+    flags = bytes(loss_mask) if not hasattr(loss_mask, "astype") else loss_mask.astype("int8").tobytes()
+    runs = [(r.start(), r.end(), flags[r.start()]) for r in _RUNS.finditer(flags)]  # (start, end, trained)
     # The rendered text in the same alternation: untrained text, trained text, untrained text, ...
     pieces: list[tuple[str, bool, str]] = []  # (text, trained, role of the turn the piece starts in)
     segments = render_segments(messages, bos_token)
@@ -79,8 +117,11 @@ def alia_sft_processor(
         raise ValueError("data.add_generation_prompt=true opens an untrained assistant turn; set it to false for SFT")
     messages = datum_dict["messages"]
     cid = str(datum_dict.get("id", f"#{idx}"))
-    tok = tokenize_conversation(tokenizer, messages, cid)
-    log = segment_message_log(messages, tok.input_ids, tok.loss_mask, tokenizer.bos_token)
+    if stored_tokens_usable(datum_dict, tokenizer):  # prepare tokenised it already: no second tokenisation
+        log = segment_message_log(messages, datum_dict["input_ids"], datum_dict["loss_mask"], tokenizer.bos_token)
+    else:
+        tok = tokenize_conversation(tokenizer, messages, cid)
+        log = segment_message_log(messages, tok.input_ids, tok.loss_mask, tokenizer.bos_token)
     if not add_bos and log[0]["token_ids"][:1] == [tokenizer.bos_token_id]:
         log[0]["token_ids"] = log[0]["token_ids"][1:]
         log[0]["content"] = log[0]["content"].removeprefix(tokenizer.bos_token)
