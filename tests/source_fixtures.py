@@ -808,7 +808,8 @@ def synthetic_mixture(root: Path, scale: float, val_fraction: float = 0.01, **ov
         if not path.is_file():
             rows = []
             if entry.adapter == "flores":  # sentences of every language share ids; pairs are built across them
-                rows = raw_rows("flores", math.ceil(max(counts.values()) * 1.3) + 8, seed=100 * i, languages=ALL_LANGUAGES)
+                n_ids = math.ceil(max(counts.values()) * 1.3) + 8
+                rows = raw_rows("flores", n_ids, seed=100 * i, languages=ALL_LANGUAGES)
             for j, (lang, n) in enumerate(counts.items() if entry.adapter != "flores" else ()):
                 rows += raw_rows(entry.adapter, math.ceil(n * 1.3) + 8, seed=100 * i + j, languages=[lang])
             tmp = path.with_suffix(".tmp")

@@ -107,3 +107,82 @@ def test_segment_message_log_rejects_masks_that_do_not_line_up(tok):
     ours = tokenize_conversation(tok, MESSAGES)
     with pytest.raises(ValueError, match="do not line up"):
         segment_message_log(MESSAGES, ours.input_ids, [1] * len(ours.input_ids), tok.bos_token)
+
+
+class _NoEncoding:
+    """A tokenizer that refuses to tokenise (its hash and special tokens still work): proves no second pass."""
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.backend_tokenizer = _NoEncodingBackend(tok.backend_tokenizer)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("tokenised again")
+
+
+class _NoEncodingBackend:
+    def __init__(self, backend):
+        self._backend = backend
+
+    def to_str(self):
+        return self._backend.to_str()
+
+    def encode_batch(self, *args, **kwargs):
+        raise AssertionError("tokenised again")
+
+
+def _stored(tok, messages, **hashes):
+    from alia_nemo.data.cache import tokenizer_hash
+    from alia_nemo.nemo_rl.processor import TEMPLATE_SHA256
+
+    ours = tokenize_conversation(tok, messages)
+    return {"messages": messages, "task_name": "t", "id": "c1", "input_ids": ours.input_ids,
+            "loss_mask": ours.loss_mask, "prepared_tokenizer_sha256": tokenizer_hash(tok),
+            "prepared_template_sha256": TEMPLATE_SHA256, **hashes}  # fmt: skip
+
+
+def _logs_equal(a, b):
+    return [(m["role"], m["content"], m["token_ids"].tolist()) for m in a["message_log"]] == [
+        (m["role"], m["content"], m["token_ids"].tolist()) for m in b["message_log"]
+    ]
+
+
+def test_processor_builds_the_log_from_stored_ids_without_tokenising(tok):
+    fresh = alia_sft_processor({"messages": MESSAGES, "task_name": "t", "id": "c1"}, None, tok, 256, 3)
+    stored = alia_sft_processor(_stored(tok, MESSAGES), None, _NoEncoding(tok), 256, 3)
+    assert _logs_equal(fresh, stored) and stored["length"] == fresh["length"]
+    with pytest.raises(AssertionError, match="tokenised again"):  # the guard itself works
+        alia_sft_processor({"messages": MESSAGES, "task_name": "t"}, None, _NoEncoding(tok), 256, 3)
+    # Over-long stored rows are cut and masked exactly like tokenised ones.
+    cut = alia_sft_processor(_stored(tok, MESSAGES), None, _NoEncoding(tok), 10, 3)
+    assert cut["loss_multiplier"] == 0.0 and cut["length"] == 10
+
+
+def test_processor_tokenises_again_when_tokenizer_or_template_differ(tok, capsys):
+    import alia_nemo.nemo_rl.processor as processor
+
+    processor._WARNED.clear()
+    fresh = alia_sft_processor({"messages": MESSAGES, "task_name": "t"}, None, tok, 256, 0)
+    for hashes in ({"prepared_tokenizer_sha256": "0" * 64}, {"prepared_template_sha256": "1" * 64}):
+        datum = _stored(tok, MESSAGES, **hashes)
+        datum["input_ids"] = [5] * len(datum["input_ids"])  # stale ids must not be trained
+        for _ in range(2):
+            assert _logs_equal(alia_sft_processor(datum, None, tok, 256, 0), fresh)
+    err = capsys.readouterr().err
+    assert err.count("tokenising every conversation again") == 2  # once per mismatch, not once per row
+    assert "another tokenizer" in err and "another chat template" in err
+
+
+def test_prepared_rows_carry_their_stored_ids(tiny_compiled, tok):
+    _, compiled = tiny_compiled
+    ds = AliaSFTDataset(**compiled.config["data"]["train"])
+    row = ds.dataset[0]
+    assert row["prepared_tokenizer_sha256"] == ds.manifest["tokenizer"]["sha256"]
+    assert row["prepared_template_sha256"] == ds.manifest["template_sha256"]
+    ours = tokenize_conversation(tok, row["messages"])
+    assert row["input_ids"] == ours.input_ids and row["loss_mask"] == ours.loss_mask
+    datum = alia_sft_processor(row, None, _NoEncoding(tok), 4096, 0)
+    assert torch.cat([m["token_ids"] for m in datum["message_log"]]).tolist() == ours.input_ids
