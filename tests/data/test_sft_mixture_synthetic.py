@@ -11,53 +11,16 @@ import math
 
 import pytest
 
-from alia_nemo.config.compose import load_config
-from alia_nemo.config.schema import LANGUAGES, MixtureConfig
 from alia_nemo.data.adapters import ONE_TO_ONE_ADAPTERS
 from alia_nemo.data.mixture import load_prepared, prepare_mixture
-from tests.source_fixtures import raw_rows
+from tests.source_fixtures import synthetic_mixture
 
 SCALE = 0.03
 
 
-def _write_parquet(path, rows):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.Table.from_pylist(rows), path)
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    table = load_config(["data=sft_mixture"]).data
-    datasets = {}
-    for i, (name, entry) in enumerate(table.datasets.items()):
-        counts = {lang: max(1, round(n * SCALE)) for lang, n in entry.counts.items()}
-        rows = []
-        if entry.adapter == "flores":  # sentences of every language share ids; pairs are built across them
-            rows = raw_rows("flores", math.ceil(max(counts.values()) * 1.3) + 8, seed=100 * i, languages=LANGUAGES)
-        for j, (lang, n) in enumerate(counts.items() if entry.adapter != "flores" else ()):
-            # Enough raw rows for the count, the validation share and what the adapters drop.
-            rows += raw_rows(entry.adapter, math.ceil(n * 1.3) + 8, seed=100 * i + j, languages=[lang])
-        if entry.origin.kind == "local":
-            path = root / f"{name}.jsonl"
-            _write_jsonl(path, rows)
-        else:
-            path = root / f"{name}.parquet"
-            _write_parquet(path, rows)
-        d = entry.model_dump()
-        d["counts"] = counts
-        d["origin"] = {"kind": entry.origin.kind, "files": [str(path)]}
-        datasets[name] = d
-    mix = MixtureConfig.model_validate(
-        {**table.model_dump(), "datasets": datasets, "prepared_root": str(root / "prepared"), "val_fraction": 0.01}
-    )
-    return mix
+    return synthetic_mixture(tmp_path_factory.mktemp("synthetic"), SCALE)
 
 
 @pytest.mark.slow  # 20 sources, tens of thousands of rows: most of the fast suite's time if left unmarked

@@ -85,6 +85,29 @@ def test_batches_through_collate_and_loss_mask_equal_our_masks(tiny_compiled):
     assert batch["loss_multiplier"].tolist() == [1.0] * 16
 
 
+def test_nemo_rls_data_path_trains_the_stored_ids_without_tokenising(tiny_compiled, monkeypatch, capsys):
+    """Tokenise once: through NeMo-RL's own tokenizer loading and dataset, the processor never tokenises."""
+    from nemo_rl.algorithms.utils import get_tokenizer
+
+    import alia_nemo.nemo_rl.processor as processor
+    from alia_nemo.engines.nemo_rl import build_datasets
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the processor tokenised a prepared conversation again")
+
+    _, compiled = tiny_compiled
+    master = _master(compiled.config)
+    tokenizer = get_tokenizer(master.policy["tokenizer"])  # NeMo-RL's loading: its hash must match prepare's
+    train, val = build_datasets(master, tokenizer)
+    monkeypatch.setattr(processor, "tokenize_conversation", refuse)
+    for ds in (train, val):
+        for i in range(len(ds)):
+            datum = ds[i]
+            ours = tokenize_conversation(tokenizer, ds.dataset[i]["messages"])
+            assert [t for m in datum["message_log"] for t in m["token_ids"].tolist()] == ours.input_ids
+    assert "tokenising every conversation again" not in capsys.readouterr().err
+
+
 NEMO_RL_RECIPES = [r for r in available_recipes() if load_config([f"recipe={r}"]).engine.name == "nemo_rl"]
 
 
