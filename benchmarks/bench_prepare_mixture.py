@@ -9,8 +9,8 @@ prepare runs in a fresh process on an empty ``prepared_root`` (no cache hit) and
   process tree (main + workers, sampled every 0.2 s from /proc);
 - wall time, conversations/s and tokens/s (tokens of the prepared training rows).
 
-``--baseline DIR`` also runs the same prepares with the package from another checkout (e.g. the commit before
-streaming prepare: ``git worktree add /tmp/before a59dbd9``), side by side in the same run.
+``--baseline DIR`` also runs the same prepares (``--baseline-scales``: only these) with the package from another
+checkout (e.g. the commit before streaming prepare: ``git worktree add /tmp/before a59dbd9``), side by side.
 
 Targets (issue 17): peak RSS under 2 GiB at 10% and 100%, and the two within 20% of each other.
 
@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="data.workers for each prepare (1: in-process)")
     ap.add_argument("--root", type=Path, default=Path("~/.cache/alia-nemo/bench-standin").expanduser())
     ap.add_argument("--baseline", type=Path, help="another checkout to run the same prepares with, side by side")
+    ap.add_argument("--baseline-scales", type=float, nargs="+", help="scales for --baseline (default: --scales)")
     ap.add_argument("--generate-only", action="store_true", help="write the stand-in files and stop")
     ap.add_argument("--keep", action="store_true", help="keep each run's prepared directory")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -169,6 +170,8 @@ def main() -> None:
         runs[f"baseline {args.baseline}"] = []
     for scale in args.scales:
         for label in runs:
+            if label != "this checkout" and args.baseline_scales and scale not in args.baseline_scales:
+                continue
             package = REPO if label == "this checkout" else args.baseline
             r = run_prepare(package, args.root, scale, args.workers, args.keep)
             runs[label].append(r)
