@@ -132,6 +132,25 @@ def test_failed_and_stopped_jobs_give_their_exit_codes(ray_head, tmp_path):
     assert os.environ == env_before
 
 
+@pytest.mark.slow
+def test_submitted_prepare_tokenises_on_the_cluster_and_writes_what_a_local_prepare_writes(ray_head, tmp_path):
+    proc = ray_head([*CLI, "submit", *ADDR, "--wait", "--run", "prepare", "data.workers=2",
+                     f"data.prepared_root={tmp_path}/cluster"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id = proc.stdout.strip().splitlines()[0]
+    logs = ray_head([*CLI, "jobs", "logs", job_id, *ADDR]).stdout
+    assert "checking and tokenising on 2 Ray actor(s) on 127.0.0.1:6380" in logs, logs[-2000:]
+    local = subprocess.run([*CLI, "prepare", "data.workers=1", f"data.prepared_root={tmp_path}/local"],
+                           capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""})  # fmt: skip
+    assert local.returncode == 0, local.stderr[-2000:]
+
+    def shards(root):
+        (built,) = [d for d in Path(root).iterdir() if (d / "manifest.json").is_file()]
+        return built.name, {p.name: p.read_bytes() for p in sorted(built.glob("*.parquet"))}
+
+    assert shards(tmp_path / "cluster") == shards(tmp_path / "local")  # same key, same bytes
+
+
 def test_submit_without_a_cluster_explains(tmp_path, monkeypatch, capsys):
     from alia_nemo.cli import main
 
