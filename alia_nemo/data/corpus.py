@@ -13,14 +13,22 @@ be read, is a :class:`CorpusError` naming the file and the fix.
 from __future__ import annotations
 
 import glob
+import itertools
 import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from alia_nemo.config.schema import CorpusSourceConfig, TextCorpusConfig
 from alia_nemo.data.reader import DataError, InvalidRow, read_local_rows
+from alia_nemo.data.workers import Workers
+
+# Texts per tokenising task. Fixed, never derived from the worker count: blocks (and so unused_read_ahead) are
+# the same however many workers tokenise them.
+TOKENIZE_BLOCK = 64
 
 
 class CorpusError(DataError):
@@ -29,12 +37,17 @@ class CorpusError(DataError):
 
 @dataclass
 class SourceStats:
-    """What one source gave: records read == documents + unused_read_ahead + sum(dropped)."""
+    """What one source gave: records read == documents + unused_read_ahead + sum(dropped).
 
-    records: int = 0  # records read (every pass), bad lines included
+    Texts are read and tokenised in blocks of :data:`TOKENIZE_BLOCK`; the counts cover the blocks the packer
+    used, whatever the workers read and tokenised beyond them (that speculative read-ahead counts nowhere), so
+    they never depend on the number of workers.
+    """
+
+    records: int = 0  # records read (every pass) up to the end of the last block used, bad lines included
     documents: int = 0
     tokens: int = 0
-    unused_read_ahead: int = 0  # documents tokenised in the last batch but not needed once the quota was met
+    unused_read_ahead: int = 0  # texts of the block in use when the quota was met that were not needed
     passes: int = 0  # completed reads of the whole source (on_shortfall=repeat reads it again)
     dropped: Counter = field(default_factory=Counter)
 
@@ -103,8 +116,14 @@ def read_source(name: str, src: CorpusSourceConfig) -> Iterator[dict | InvalidRo
     yield from ds
 
 
-def documents(name: str, src: CorpusSourceConfig, stats: SourceStats, repeat: bool) -> Iterator[str]:
-    """Document texts of a source, bad records counted in ``stats.dropped``; endless when ``repeat``."""
+def documents(
+    name: str, src: CorpusSourceConfig, stats: SourceStats, repeat: bool, min_chars: int = 1
+) -> Iterator[str]:
+    """Document texts of a source, bad records (and texts under ``min_chars``) counted in ``stats.dropped``.
+
+    Endless when ``repeat``, unless a whole pass gave no usable text.
+    """
+    too_short = f"shorter than min_chars={min_chars}"
     while True:
         produced = False
         for record in read_source(name, src):
@@ -121,6 +140,9 @@ def documents(name: str, src: CorpusSourceConfig, stats: SourceStats, repeat: bo
                 continue
             if not text.strip():
                 stats.dropped["empty text"] += 1
+                continue
+            if len(text) < min_chars:
+                stats.dropped[too_short] += 1
                 continue
             produced = True
             yield text
@@ -139,44 +161,119 @@ def quotas(corpus: TextCorpusConfig, budget: int) -> dict[str, int]:
     return out
 
 
+@dataclass
+class TextBlock:
+    """Up to :data:`TOKENIZE_BLOCK` consecutive texts of a source (a worker's task), with what reading them took.
+
+    ``records``, ``passes`` and ``dropped`` are the reading done since the previous block; the packer adds them to
+    the source's :class:`SourceStats` only when it starts on this block, so blocks read ahead for the workers and
+    never used count nowhere.
+    """
+
+    texts: list[str]
+    add_bos: bool
+    records: int = 0
+    passes: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+
+def text_blocks(
+    name: str, src: CorpusSourceConfig, corpus: TextCorpusConfig, errors: list[Exception]
+) -> Iterator[TextBlock]:
+    """The source's usable texts in blocks of :data:`TOKENIZE_BLOCK` (the last one shorter, possibly empty).
+
+    Safe to read ahead of the packer: an error while reading (a corrupt file further on) ends the blocks and is
+    appended to ``errors``; the packer raises it only if it needs the texts past it, as when it read on demand.
+    """
+    read = SourceStats()
+    texts_in = documents(name, src, read, corpus.on_shortfall == "repeat", corpus.min_chars)
+    try:
+        while True:
+            records, passes, dropped = read.records, read.passes, read.dropped.copy()
+            texts: list[str] = []
+            try:
+                for text in texts_in:
+                    texts.append(text)
+                    if len(texts) == TOKENIZE_BLOCK:
+                        break
+            except Exception as exc:  # any reader error (CorpusError, OSError, the hub's): raised if reached
+                errors.append(exc)
+                return
+            yield TextBlock(texts, corpus.add_bos, read.records - records, read.passes - passes,
+                            read.dropped - dropped)  # fmt: skip
+            if len(texts) < TOKENIZE_BLOCK:
+                return
+    finally:
+        texts_in.close()  # the source's open file, when the packer stops early
+
+
+def tokenize_block(tokenizer, block: TextBlock) -> tuple[np.ndarray, np.ndarray]:
+    """BOS? + text + EOS of each text of ``block`` as one int32 array, and each document's end in it (a worker task).
+
+    One flat array rather than a list per document: it is what crosses the process (or Ray) boundary.
+    """
+    if not block.texts:
+        return np.empty(0, dtype=np.int32), np.empty(0, dtype=np.int64)
+    encoded = tokenizer(block.texts, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if block.add_bos else []
+    eos = [tokenizer.eos_token_id]
+    ends = np.cumsum([len(bos) + len(ids) + 1 for ids in encoded])
+    flat = np.fromiter(itertools.chain.from_iterable(bos + ids + eos for ids in encoded), np.int32, int(ends[-1]))
+    return flat, ends
+
+
 def interleave(
-    corpus: TextCorpusConfig, tokenizer, budget: int, seed: int, stats: dict[str, SourceStats]
-) -> Iterator[tuple[str, list[int]]]:
+    corpus: TextCorpusConfig,
+    tokenizer,
+    budget: int,
+    seed: int,
+    stats: dict[str, SourceStats],
+    workers: Workers | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
     """``(source, token ids)`` per document (BOS? + text + EOS), sources drawn in a seeded weighted order.
 
     Each source is read until it has supplied its quota of tokens; the document that crosses the quota is
-    kept whole (packing cuts at window edges, not here).
+    kept whole (packing cuts at window edges, not here). Texts are tokenised in blocks of :data:`TOKENIZE_BLOCK`
+    on ``workers`` (default: this process), a few blocks ahead per source, and used in order: the documents
+    and ``stats`` are the same whatever the workers.
     """
     want = quotas(corpus, budget)
-    repeat = corpus.on_shortfall == "repeat"
-    streams = {n: documents(n, s, stats.setdefault(n, SourceStats()), repeat) for n, s in corpus.sources.items()}
-    pending: dict[str, list[list[int]]] = {n: [] for n in streams}
+    pool = workers if workers is not None else Workers(tokenizer, 1)
+    errors: dict[str, list[Exception]] = {n: [] for n in corpus.sources}
+    blocks = {n: text_blocks(n, s, corpus, errors[n]) for n, s in corpus.sources.items()}
+    streams = {n: pool.imap(tokenize_block, blocks[n]) for n in corpus.sources}
+    for n in corpus.sources:
+        stats.setdefault(n, SourceStats())
+    pending: dict[str, list[np.ndarray]] = {n: [] for n in corpus.sources}
     rng = random.Random(seed)
-    active = [n for n in streams if want[n] > 0]
-    bos = [tokenizer.bos_token_id] if corpus.add_bos else []
-    eos = [tokenizer.eos_token_id]
-    while active:
-        name = rng.choices(active, weights=[corpus.sources[n].weight for n in active])[0]
-        if not pending[name]:
-            texts = []
-            for text in streams[name]:
-                if len(text) < corpus.min_chars:
-                    stats[name].dropped[f"shorter than min_chars={corpus.min_chars}"] += 1
+    active = [n for n in corpus.sources if want[n] > 0]
+    try:
+        while active:
+            name = rng.choices(active, weights=[corpus.sources[n].weight for n in active])[0]
+            st = stats[name]
+            if not pending[name]:
+                got = next(streams[name], None)
+                if got is None and errors[name]:
+                    raise errors[name][0]  # reading failed where this source's texts were needed
+                if got is not None:
+                    block, (flat, ends) = got
+                    st.records += block.records  # counted now that the block is used, not when read ahead
+                    st.passes += block.passes
+                    st.dropped.update(block.dropped)
+                if got is None or not block.texts:
+                    active.remove(name)  # exhausted before its quota: the caller checks the shortfall
                     continue
-                texts.append(text)
-                if len(texts) == 64:
-                    break
-            if not texts:
-                active.remove(name)  # exhausted before its quota: the caller checks the shortfall
-                continue
-            encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-            pending[name] = [bos + ids + eos for ids in reversed(encoded)]
-        ids = pending[name].pop()
-        st = stats[name]
-        st.documents += 1
-        st.tokens += len(ids)
-        if st.tokens >= want[name]:
-            active.remove(name)
-            st.unused_read_ahead += len(pending[name])
-            pending[name] = []
-        yield name, ids
+                pending[name] = np.split(flat, ends[:-1])[::-1]
+            ids = pending[name].pop()
+            st.documents += 1
+            st.tokens += len(ids)
+            if st.tokens >= want[name]:
+                active.remove(name)
+                st.unused_read_ahead += len(pending[name])
+                pending[name] = []
+                streams[name].close()  # its blocks in flight are not needed
+            yield name, ids
+    finally:
+        for n in corpus.sources:
+            streams[n].close()
+            blocks[n].close()

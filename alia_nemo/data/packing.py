@@ -8,13 +8,16 @@ window's document) so a backend can reset positions or mask attention across doc
 partial window is dropped or padded by policy, and counted. ``prepare_corpus`` writes windows as
 Parquet shards plus ``manifest.json`` into a hash-keyed directory (local files keyed by their content's
 sha256) that appears atomically, built once per key across processes and hosts: a concurrent prepare of the
-same key waits for the build's lock and reuses its result (:func:`alia_nemo.data.cache.build_cached`).
+same key waits for the build's lock and reuses its result (:func:`alia_nemo.data.cache.build_cached`). Texts
+are tokenised on ``data.workers`` (in-process, local processes or Ray actors) in fixed blocks used in order, so
+the output never depends on the number of workers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,6 +37,7 @@ from alia_nemo.data.cache import (
     tokenizer_hash,
 )
 from alia_nemo.data.corpus import CorpusError, SourceStats, expand_files, interleave
+from alia_nemo.data.workers import Workers
 
 # Flush windows to Parquet every ~4M tokens (one shard each): peak memory is a few batches' worth of
 # tokens whatever the corpus size (benchmarks/bench_packing.py measures it).
@@ -185,10 +189,15 @@ def prepare_corpus(
     seed: int,
     progress: bool = True,
     wait_s: float = WAIT_S,
+    workers: int | None = None,
+    address: str | None = None,
 ) -> Path:
     """Pack ``tokens`` training tokens (+ ``val_windows`` windows) of the corpus; return the cached directory.
 
     A concurrent prepare of the same inputs is waited for (up to ``wait_s`` seconds) and its result reused.
+    ``workers`` (default ``data.workers``; 0: auto) and ``address`` (a Ray cluster; None: this machine) say where
+    the texts are tokenised (:mod:`alia_nemo.data.workers`); the windows and the manifest are the same whatever
+    they are.
     """
     root = Path(corpus.prepared_root).expanduser()
     total = tokens + corpus.val_windows * seq_length
@@ -196,16 +205,29 @@ def prepare_corpus(
     final = cache_dir(root, corpus.name, f"{seq_length}-{key[:16]}", "data.name", CorpusError)
 
     def build(tmp: Path) -> None:
-        _pack(corpus, tokenizer, seq_length, tokens, seed, progress, key, tmp)
+        n = corpus.workers if workers is None else workers
+        # Work in the unit auto compares with SMALL_WORK: documents of ~1k tokens.
+        with Workers(tokenizer, n, total // 1000, address) as pool:
+            if pool.backend != "inline" and progress:
+                print(f"[alia-nemo] tokenising on {pool.describe()}", file=sys.stderr, flush=True)
+            _pack(corpus, tokenizer, seq_length, tokens, seed, progress, key, tmp, pool)
 
     return build_cached(root, final, key, build, what=f"packing of corpus {corpus.name}", error=CorpusError,
                         wait_s=wait_s)  # fmt: skip
 
 
 def _pack(
-    corpus: TextCorpusConfig, tokenizer, seq_length: int, tokens: int, seed: int, progress: bool, key: str, tmp: Path
+    corpus: TextCorpusConfig,
+    tokenizer,
+    seq_length: int,
+    tokens: int,
+    seed: int,
+    progress: bool,
+    key: str,
+    tmp: Path,
+    workers: Workers,
 ) -> None:
-    """Pack the corpus into ``tmp``: shards, then ``manifest.json`` last."""
+    """Pack the corpus into ``tmp`` (texts tokenised on ``workers``): shards, then ``manifest.json`` last."""
     from tqdm import tqdm
 
     total = tokens + corpus.val_windows * seq_length
@@ -214,7 +236,7 @@ def _pack(
     report = PackReport(seq_length, corpus.tail)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     writers = {"val": ShardWriter(tmp, "val", seq_length), "train": ShardWriter(tmp, "train", seq_length)}
-    stream = interleave(corpus, tokenizer, total, seed, stats)
+    stream = interleave(corpus, tokenizer, total, seed, stats, workers)
     # A with-block closes the bar when an error leaves it, so the CLI's one-line error starts a line.
     with tqdm(total=total, unit=" tok", unit_scale=True, desc=f"pack {corpus.name}", disable=not progress) as bar:
         for w in pack_windows(stream, seq_length, report, corpus.tail, pad_id):

@@ -194,9 +194,11 @@ class TextCorpus(DataSource):
 
     def prepare(self, cfg: AliaConfig, stage: ResolvedStage, tokenizer, progress: bool = True) -> Path:
         from alia_nemo.data.packing import prepare_corpus
+        from alia_nemo.data.workers import cluster_address
 
         tokens = self._tokens(cfg, stage)
-        return prepare_corpus(cfg.data, tokenizer, stage.seq_length, tokens, cfg.run.seed, progress=progress)  # type: ignore[arg-type]
+        return prepare_corpus(cfg.data, tokenizer, stage.seq_length, tokens, cfg.run.seed, progress=progress,  # type: ignore[arg-type]
+                              address=cluster_address(cfg))  # fmt: skip
 
     def count(self, cfg: AliaConfig, manifest: dict[str, Any] | None, train_tokens: int | None) -> Counts:
         if manifest is not None:

@@ -146,6 +146,13 @@ def test_shortfall_policies(tok, tmp_path):
     assert m["shortfall_windows"] == 10 - m["train_windows"] > 0
 
 
+def test_repeat_stops_when_a_pass_gives_no_text_long_enough(tok, tmp_path):
+    a = _write_jsonl(tmp_path / "a.jsonl", ["curt", "massa curt"])
+    corpus = _corpus_config({"a": {"files": [a]}}, tmp_path / "p", on_shortfall="repeat", min_chars=50)
+    with pytest.raises(CorpusError, match=r"packed no training window.*'shorter than min_chars=50': 2"):
+        prepare_corpus(corpus, tok, 32, 320, seed=0, progress=False)  # read once, not forever
+
+
 def test_jsonl_parquet_arrow_and_hub_folder_read_the_same(tok, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
