@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from alia_nemo.data.quality import QualityFilter
 
 SHARD_ROWS = 20_000
-WRITE_ROWS = 2_000  # rows per Parquet row group: what a shard writer holds in memory
+WRITE_ROWS = 1_000  # rows per Parquet row group: what a shard writer holds in memory
 TOKENIZE_BATCH = 256  # conversations per worker task
 INTERNAL_FORMAT = (
     "messages JSONL (one {'id', 'language', 'messages': [{'role', 'content'}, ...]} object per line) "
@@ -484,6 +484,8 @@ def _write_shards(store: RowStore, order: Sequence[int], out: Path, split: str) 
                     pa.array(offsets), pa.array(np.concatenate([mask for _, _, mask in rows]), pa.int8())
                 )
                 writer.write_table(pa.table(columns, schema=schema))
+                del columns, rows
+                pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages otherwise
         names.append(name)
     return names
 
@@ -640,6 +642,9 @@ def _add_dataset(
         stats = _select_dataset(
             name, entry, rows, max_tokens, seed, mix.val_fraction, mix.on_shortfall, seen, out, progress, quality
         )
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()  # the dataset's Arrow reads: return the pages, memory stays flat
     for rev in revisions:
         if "sha256" in rev and keyed.get(rev["file"], rev["sha256"]) != rev["sha256"]:
             raise MixtureError(

@@ -85,7 +85,6 @@ def _prepare(small_mixture, tok, name: str, **kwargs) -> Path:
     return prepare_mixture(mix, tok, 3_000, seed=3, progress=False, **kwargs)
 
 
-@pytest.mark.slow  # three prepares, two of them starting worker processes
 def test_written_bytes_do_not_depend_on_the_number_of_worker_processes(small_mixture, tok):
     outs = {n: _prepare(small_mixture, tok, f"w{n}", workers=n) for n in (1, 2, 4)}
     hashes = {n: file_hashes(out) for n, out in outs.items()}
