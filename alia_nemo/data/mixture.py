@@ -32,6 +32,7 @@ import re
 import sys
 import time
 import unicodedata
+from array import array
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from alia_nemo.data.cache import (
     sha256_file,
     tokenizer_hash,
 )
+from alia_nemo.data.digests import SeenDigests
 from alia_nemo.data.reader import DataError, InvalidRow, read_local_rows
 from alia_nemo.data.spill import ConversationSpill, RowStore
 from alia_nemo.data.workers import Workers
@@ -236,13 +238,13 @@ def _select_dataset(
     seed: int,
     val_fraction: float,
     on_shortfall: str,
-    seen: dict[bytes, str],
+    seen: SeenDigests,
     out: _Output,
     progress: bool = True,
     quality: QualityFilter | None = None,
 ) -> dict[str, Any]:
-    """Convert, filter and select one dataset into ``out``; ``seen`` maps content digests to the dataset that
-    kept them. Returns the dataset's report.
+    """Convert, filter and select one dataset into ``out``; ``seen`` knows the content digests kept so far and
+    which dataset kept each. Returns the dataset's report.
 
     Streams: converted conversations go to a spill file and only their indices stay in memory; selected rows
     are appended to ``out``'s stores. Shape checks, hashing and tokenising run on ``out.workers`` in batches,
@@ -293,19 +295,20 @@ def _select_dataset(
         by_lang: dict[str, list[int]] = defaultdict(list)  # spill indices, in reading order
         tiers: list[int] = []  # an adapter's rank of each spilled conversation (flores), 0 for most
         checked = out.workers.imap(check_and_digest, _batches(requested(conversations), TOKENIZE_BATCH))
+        seen.start(name)
         for batch, results in checked:
+            earlier = seen.kept_before([digest for _, digest in results if digest is not None])
             for conv, (reason, digest) in zip(batch, results):
                 lang = conv["language"]
                 if reason is not None:
                     drops[lang][reason] += 1
                     continue
-                if digest in seen:
-                    first = seen[digest]
+                first = earlier.pop(0) or seen.add(digest)
+                if first is not None:
                     # The shared filter keeps a conversation once, in the first dataset that has it: say which one.
                     why = "duplicate (same normalised content)" if first == name else f"duplicate of dataset {first!r}"
                     drops[lang][why] += 1
                     continue
-                seen[digest] = name
                 by_lang[lang].append(spill.append(conv))
                 tiers.append(conv.get("tier", 0))
         langs = {}
@@ -564,7 +567,7 @@ def _build_mixture(
     from tqdm import tqdm
 
     started = time.time()
-    seen: dict[bytes, str] = {}
+    seen = SeenDigests()
     report: dict[str, dict] = {}
     scratch = tmp / ".scratch"
     scratch.mkdir()
@@ -591,7 +594,7 @@ def _build_mixture(
 
     # Sources interleaved; the shuffle is part of the cache key (seed). Shuffling row indices gives the same
     # permutation as shuffling the rows (it depends on the length only).
-    order = list(range(len(out.train)))
+    order = array("q", range(len(out.train)))  # 8 bytes a row, not a Python int's 36
     random.Random(seed).shuffle(order)
     files = {
         "train": _write_shards(out.train, order, tmp, "train"),
@@ -617,7 +620,7 @@ def _add_dataset(
     max_tokens: int,
     seed: int,
     progress: bool,
-    seen: dict[bytes, str],
+    seen: SeenDigests,
     out: _Output,
     report: dict[str, dict],
     quality: QualityFilter | None = None,

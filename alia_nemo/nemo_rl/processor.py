@@ -107,6 +107,7 @@ def alia_sft_processor(
     after it) and ``add_generation_prompt`` false (SFT conversations end with the assistant's answer).
     ``add_bos=false`` drops the BOS the template writes.
     """
+    import numpy as np
     import torch
 
     if add_eos:
@@ -144,8 +145,10 @@ def alia_sft_processor(
         loss_multiplier = 0.0
     # One tensor for the whole conversation, split into views per entry: a torch.tensor call per entry costs more
     # than everything else the stored-ids path does.
-    flat = torch.tensor(list(itertools.chain.from_iterable(m["token_ids"] for m in log)), dtype=torch.long)
-    for m, ids in zip(log, torch.split(flat, [len(m["token_ids"]) for m in log])):
+    sizes = [len(m["token_ids"]) for m in log]
+    chained = itertools.chain.from_iterable(m["token_ids"] for m in log)
+    flat = torch.from_numpy(np.fromiter(chained, dtype=np.int64, count=sum(sizes)))
+    for m, ids in zip(log, torch.split(flat, sizes)):
         m["token_ids"] = ids
     return {
         "message_log": log,

@@ -155,3 +155,19 @@ def test_cluster_address(monkeypatch, capsys):
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")  # a job API address is not a cluster to join
     assert cluster_address(SimpleNamespace(engine=SimpleNamespace(ray_address=None))) is None
     assert "job API address" in capsys.readouterr().err
+
+
+def test_seen_digests_find_the_first_dataset_exactly():
+    from alia_nemo.data.digests import SeenDigests
+
+    zero_tail = b"\x07" * 30 + b"\x00\x00"  # numpy's S32 drops trailing NULs when it hands out one item
+    other = b"\x07" * 30 + b"\x00\x01"
+    seen = SeenDigests()
+    seen.start("a")
+    assert seen.add(zero_tail) is None and seen.add(zero_tail) == "a"  # a duplicate within the dataset
+    assert seen.add(b"\xff" * 32) is None
+    seen.start("b")
+    assert seen.kept_before([zero_tail, other, b"\xff" * 32, b"\x00" * 32]) == ["a", None, "a", None]
+    assert seen.add(other) is None
+    seen.finish()
+    assert seen.kept_before([other, zero_tail]) == ["b", "a"] and len(seen) == 3
