@@ -297,13 +297,13 @@ def _select_dataset(
         checked = out.workers.imap(check_and_digest, _batches(requested(conversations), TOKENIZE_BATCH))
         seen.start(name)
         for batch, results in checked:
-            earlier = seen.kept_before([digest for _, digest in results if digest is not None])
+            earlier = iter(seen.kept_before([digest for _, digest in results if digest is not None]))
             for conv, (reason, digest) in zip(batch, results):
                 lang = conv["language"]
                 if reason is not None:
                     drops[lang][reason] += 1
                     continue
-                first = earlier.pop(0) or seen.add(digest)
+                first = next(earlier) or seen.add(digest)
                 if first is not None:
                     # The shared filter keeps a conversation once, in the first dataset that has it: say which one.
                     why = "duplicate (same normalised content)" if first == name else f"duplicate of dataset {first!r}"
