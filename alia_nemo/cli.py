@@ -51,6 +51,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         line += f", loss {train['first_loss']:.3f} (first step) -> {train['last_loss']:.3f} (last step)"
     if "eval_loss" in train:
         line += f", validation loss {train['eval_loss']:.3f}"
+    if "last_margin" in train:  # a DPO stage: how far the preferences moved
+        line += f", reward margin {train['first_margin']:.3f} -> {train['last_margin']:.3f}"
+        line += f", preference accuracy {train['last_accuracy']:.2f}"
+        if "eval_rewards/accuracy" in train:
+            line += f" (validation {train['eval_rewards/accuracy']:.2f})"
     print(line)
     print(f"[alia-nemo] final model: {summary['final_model']}\n[alia-nemo] loss curve: {summary['loss_plot']}")
     return 0
@@ -106,7 +111,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         )
     stage = resolve(cfg)
     result = plan(get_spec(cfg.model.arch), stage.seq_length, stage.global_batch_size, cl.num_nodes,
-                  cl.gpus_per_node, Gpu(cl.gpu_memory_gb, cl.gpu_peak_tflops))  # fmt: skip
+                  cl.gpus_per_node, Gpu(cl.gpu_memory_gb, cl.gpu_peak_tflops),
+                  dpo=cfg.stage.kind == "dpo")  # fmt: skip
     steps = stage.steps
     if args.tokens:  # a token budget given here wins (full windows of seq_length tokens)
         steps = steps_for_tokens(int(args.tokens), stage.global_batch_size, stage.seq_length)
@@ -184,7 +190,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             f"({d['counted_from']}), {d['max_num_steps']:,} "
             f"steps; TP{lay['tp']} PP{lay['pp']} CP{lay['cp']} DP{lay['dp']} on {d['gpus']} GPUs"
         )
-        print(f"[alia-nemo] run it: uv run examples/run_sft.py --config {out.resolve()}  (in a NeMo-RL checkout)")
+        script = "run_dpo.py" if "dpo" in compiled.config else "run_sft.py"
+        print(f"[alia-nemo] run it: uv run examples/{script} --config {out.resolve()}  (in a NeMo-RL checkout)")
     return 0
 
 
@@ -506,12 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=_cmd_eval, overrides=[])
     comp = add(
         "compile",
-        "compile a stage into a NeMo-RL v0.7 SFT config (engine=nemo_rl)",
+        "compile a stage into a NeMo-RL v0.7 SFT or DPO config (engine=nemo_rl)",
         _cmd_compile,
-        "Compose the configuration (it must use engine=nemo_rl and a GPU cluster profile), prepare the mixture "
-        "(or find it in the cache), and write one standalone NeMo-RL SFT YAML that upstream examples/run_sft.py "
-        "runs unchanged. The YAML is checked against a strict mirror of NeMo-RL's keys and the parallel layout "
-        "against the model before it is written.",
+        "Compose the configuration (it must use engine=nemo_rl and a GPU cluster profile), prepare the data "
+        "(or find it in the cache), and write one standalone NeMo-RL YAML that upstream examples/run_sft.py (a DPO "
+        "stage: examples/run_dpo.py) runs unchanged. The YAML is checked against a strict mirror of NeMo-RL's keys "
+        "and the parallel layout against the model before it is written.",
     )
     comp.add_argument("--out", required=True, help="where to write the YAML")
     comp.add_argument(

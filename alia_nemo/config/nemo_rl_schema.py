@@ -1,8 +1,9 @@
-"""A strict mirror of the NeMo-RL v0.7 SFT keys that ``alia-nemo compile`` emits, and layout checks.
+"""A strict mirror of the NeMo-RL v0.7 SFT and DPO keys that ``alia-nemo compile`` emits, and layout checks.
 
 NeMo-RL's own ``MasterConfig`` accepts unknown keys; this mirror forbids them at every depth so a typo
 or a key NeMo-RL does not read fails at compile time, naming the dotted key. The cross-field checks
-catch layouts that would only fail (or silently misbehave) once GPUs are allocated.
+catch layouts that would only fail (or silently misbehave) once GPUs are allocated. The DPO file
+(:class:`NemoRLDPOConfig`) shares every section with the SFT one except ``data`` and the algorithm's own.
 """
 
 from __future__ import annotations
@@ -189,6 +190,28 @@ class DatasetEntry(_Strict):
     system_prompt_file: None = None
 
 
+class PreferenceEntry(_Strict):
+    """A DPO dataset entry (``data.train``, ``data.validation``): our prepared pairs, one split of them."""
+
+    dataset_name: str
+    data_path: str
+    task_name: str
+    split: Literal["train", "validation"]
+    processor: str
+    prompt_file: None = None
+    system_prompt_file: None = None
+
+
+class DPOData(_Strict):
+    """NeMo-RL's DPO data section: no add_bos/add_eos (its preference path takes none; our processor's defaults)."""
+
+    max_input_seq_length: int = Field(gt=0)
+    shuffle: bool
+    num_workers: int = Field(ge=0)
+    train: PreferenceEntry
+    validation: PreferenceEntry | None
+
+
 class Data(_Strict):
     max_input_seq_length: int = Field(gt=0)
     add_bos: bool
@@ -211,6 +234,25 @@ class SFT(_Strict):
     val_at_end: bool
     seed: int
     only_unmask_final: bool = False
+
+
+class DPO(_Strict):
+    """NeMo-RL's ``dpo`` section (DPOConfig at v0.7.0): the loop's schedule and the sigmoid DPO loss."""
+
+    max_num_epochs: int = Field(gt=0)
+    max_num_steps: int = Field(gt=0)
+    val_period: int = Field(ge=0)
+    val_batches: int = Field(ge=0)
+    val_global_batch_size: int = Field(gt=0)
+    val_micro_batch_size: int = Field(gt=0)
+    val_at_start: bool
+    val_at_end: bool
+    seed: int
+    reference_policy_kl_penalty: float = Field(gt=0)
+    preference_average_log_probs: bool
+    sft_average_log_probs: bool
+    preference_loss_weight: float = Field(ge=0)
+    sft_loss_weight: float = Field(ge=0)
 
 
 class Checkpointing(_Strict):
@@ -275,15 +317,43 @@ class NemoRLSFTConfig(_Strict):
     cluster: Cluster
 
 
+class DPOPolicy(Policy):
+    """The SFT policy section, with what NeMo-RL's ``dpo.setup`` asserts: no sequence packing (nor dynamic batching,
+    already off in :class:`Policy`): anything that reorders a batch would split a (chosen, rejected) pair."""
+
+    sequence_packing: Disabled
+
+
+class NemoRLDPOConfig(_Strict):
+    """The whole DPO file: NeMo-RL's DPO MasterConfig sections, nothing else."""
+
+    policy: DPOPolicy
+    data: DPOData
+    dpo: DPO
+    checkpointing: Checkpointing
+    logger: Logger
+    cluster: Cluster
+
+
+NemoRLConfig = NemoRLSFTConfig | NemoRLDPOConfig
+
+
+def algorithm(cfg: NemoRLConfig) -> tuple[str, SFT | DPO]:
+    """The algorithm's section name and its parsed section (``sft`` or ``dpo``)."""
+    return ("dpo", cfg.dpo) if isinstance(cfg, NemoRLDPOConfig) else ("sft", cfg.sft)
+
+
 def _key(loc: tuple) -> str:
     # Drop pydantic's union-member tags (policy.megatron_cfg.Megatron.x -> policy.megatron_cfg.x).
     return ".".join(str(p) for p in loc if not (isinstance(p, str) and p[:1].isupper()))
 
 
-def validate_nemo_rl(config: dict[str, Any], spec: AliaSpec | None = None) -> NemoRLSFTConfig:
-    """Check ``config`` against the mirror and, with the model's ``spec``, the parallel layout."""
+def validate_nemo_rl(config: dict[str, Any], spec: AliaSpec | None = None) -> NemoRLConfig:
+    """Check ``config`` against the mirror (the DPO one when it has a ``dpo`` section) and, with the model's
+    ``spec``, the parallel layout."""
+    mirror = NemoRLDPOConfig if "dpo" in config else NemoRLSFTConfig
     try:
-        parsed = NemoRLSFTConfig.model_validate(config)
+        parsed = mirror.model_validate(config)
     except ValidationError as exc:
         seen: dict[str, str] = {}
         for e in exc.errors():
@@ -299,7 +369,7 @@ def validate_nemo_rl(config: dict[str, Any], spec: AliaSpec | None = None) -> Ne
     return parsed
 
 
-def parallel_sizes(cfg: NemoRLSFTConfig) -> dict[str, int]:
+def parallel_sizes(cfg: NemoRLConfig) -> dict[str, int]:
     """TP, PP, CP and the data-parallel size that the cluster leaves."""
     p = cfg.policy
     if isinstance(p.megatron_cfg, Megatron):
@@ -313,7 +383,7 @@ def parallel_sizes(cfg: NemoRLSFTConfig) -> dict[str, int]:
     return {"world": world, "tp": tp, "pp": pp, "cp": cp, "dp": data_parallel_size(world, tp, pp, cp) if world else 0}
 
 
-def model_split_problems(cfg: NemoRLSFTConfig, spec: AliaSpec, tp: int, pp: int) -> list[str]:
+def model_split_problems(cfg: NemoRLConfig, spec: AliaSpec, tp: int, pp: int) -> list[str]:
     """How TP and PP must divide the model: attention and KV heads, layers (even or uneven pipeline stages)."""
     p, out = cfg.policy, []
     megatron = isinstance(p.megatron_cfg, Megatron)
@@ -347,7 +417,7 @@ def model_split_problems(cfg: NemoRLSFTConfig, spec: AliaSpec, tp: int, pp: int)
     return out
 
 
-def layout_problems(cfg: NemoRLSFTConfig, spec: AliaSpec | None) -> list[str]:
+def layout_problems(cfg: NemoRLConfig, spec: AliaSpec | None) -> list[str]:
     """Every cross-field rule the layout breaks, each with the keys involved and a fix."""
     p, out = cfg.policy, []
     megatron, dtensor = isinstance(p.megatron_cfg, Megatron), isinstance(p.dtensor_cfg, DTensor)
@@ -381,8 +451,14 @@ def layout_problems(cfg: NemoRLSFTConfig, spec: AliaSpec | None) -> list[str]:
             f"policy.max_total_sequence_length={seq} is not a multiple of make_sequence_length_divisible_by={div}"
         )
     packing = isinstance(p.sequence_packing, Packing)
+    name, algo = algorithm(cfg)
     if megatron and cp > 1 and not packing:
-        out.append("Megatron context parallelism needs sequence packing: set engine.sequence_packing=true")
+        out.append(
+            "Megatron context parallelism needs sequence packing, which NeMo-RL's DPO refuses: DPO layouts use "
+            "engine.context_parallel=1"
+            if name == "dpo"
+            else "Megatron context parallelism needs sequence packing: set engine.sequence_packing=true"
+        )
     if dtensor and cp > 1 and packing:
         out.append("DTensor context parallelism does not work with sequence packing: set engine.sequence_packing=false")
     seq_parallel = p.megatron_cfg.sequence_parallel if megatron else p.dtensor_cfg.sequence_parallel
@@ -400,9 +476,9 @@ def layout_problems(cfg: NemoRLSFTConfig, spec: AliaSpec | None) -> list[str]:
         out.append(
             f"data.max_input_seq_length={cfg.data.max_input_seq_length} exceeds policy.max_total_sequence_length={seq}"
         )
-    if cfg.sft.val_period and cfg.sft.val_global_batch_size % (dp * cfg.sft.val_micro_batch_size):
+    if algo.val_period and algo.val_global_batch_size % (dp * algo.val_micro_batch_size):
         out.append(
-            f"sft.val_global_batch_size={cfg.sft.val_global_batch_size} must be a multiple of data-parallel size "
-            f"{dp} x sft.val_micro_batch_size={cfg.sft.val_micro_batch_size}"
+            f"{name}.val_global_batch_size={algo.val_global_batch_size} must be a multiple of data-parallel size "
+            f"{dp} x {name}.val_micro_batch_size={algo.val_micro_batch_size}"
         )
     return out

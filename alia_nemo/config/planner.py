@@ -19,6 +19,14 @@ Memory per GPU (bytes), for tensor (t), pipeline (p), context (c) and data (d) p
   allowance      FRAMEWORK_GB for CUDA context, NCCL and workspace, plus FRAGMENTATION of the rest
 Step time: training FLOPs (6 x dense params per token, +2 more with full recompute, plus causal
 attention 6 x L x h x s per token) over the GPUs' peak times an efficiency model (constants below).
+
+DPO (``dpo=True``): each sample of a batch is a (chosen, rejected) pair that NeMo-RL puts into the same micro-batch
+(``dpo_train`` calls ``policy.train`` with twice the global and micro batch), so activations and logits are those
+of 2 x b sequences, unpacked (NeMo-RL's DPO refuses sequence packing; Megatron CP needs it, so CP layouts are
+invalid). The frozen reference model adds no GPU term: NeMo-RL v0.7.0's Megatron worker keeps it in host memory and
+swaps it into the policy's own GPU tensors for the reference log-probabilities (see :func:`reference_host_bytes`),
+which :func:`reference_host_gib` counts against a node's RAM. Its forward pass over both sequences adds one forward
+(a third of a training pass without recompute) to the step time.
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ BF16 = 2
 LOGPROB_CHUNK = 1024
 FRAMEWORK_GB = 3.0  # CUDA context (~0.5 GB), NCCL buffers and cuBLAS/attention workspaces
 FRAGMENTATION = 0.10  # PyTorch caching allocator slack on long runs
+# Share of a node's RAM the reference weights may take: Ray's object store reserves 30% of it by default, and the
+# OS, the driver, dataloader workers and NeMo-RL's checkpoint writes need the rest of what is left.
+HOST_SHARE = 0.5
 
 # Efficiency model. BASE_MFU: Megatron-LM reports 52% of peak for a 1T GPT on A100s (Narayanan et al.,
 # SC21) and NVIDIA's Megatron-Core results for 70B-class Llama on H100 sit around 40-50%; we assume 0.45
@@ -129,31 +140,38 @@ def activation_bytes_per_token_layer(spec: AliaSpec, layout: Layout) -> float:
     return BF16 * (replicated + (attention + mlp) / layout.tp)
 
 
-def logits_bytes(spec: AliaSpec, layout: Layout, tokens: float, chunk: int | None = LOGPROB_CHUNK) -> float:
+def logits_bytes(
+    spec: AliaSpec, layout: Layout, tokens: float, chunk: int | None = LOGPROB_CHUNK, rows: int = 1
+) -> float:
     """What the LM head's logits and the NLL loss hold on one GPU (see the module docstring).
 
     Counted from NeMo-RL v0.7.0's DistributedLogprob (``chunk=None``: fp32 logits, log-softmax, softmax and
     gradient over the whole [tokens x V/t]) and ChunkedDistributedLogprob (bf16 logits and gradient whole,
-    fp32 upcast, log-softmax, softmax, gradient and an int64 one-hot per chunk of ``chunk`` positions).
+    fp32 upcast, log-softmax, softmax, gradient and an int64 one-hot per chunk of ``chunk`` positions). It chunks
+    along the sequence, so ``rows`` unpacked sequences in a micro-batch (DPO's chosen and rejected) each hold a
+    chunk of ``tokens / rows`` positions at once.
     """
     shard = spec.vocab_size / layout.tp
     if chunk is None:
         return 16 * tokens * shard
-    return 8 * tokens * shard + 24 * min(chunk, tokens) * shard
+    return 8 * tokens * shard + 24 * rows * min(chunk, tokens / rows) * shard
 
 
 def memory_breakdown(
-    spec: AliaSpec, layout: Layout, seq_length: int, global_batch: int, logprob_chunk: int | None = LOGPROB_CHUNK
-) -> dict[str, float]:
+    spec: AliaSpec, layout: Layout, seq_length: int, global_batch: int, logprob_chunk: int | None = LOGPROB_CHUNK,
+    dpo: bool = False,
+) -> dict[str, float]:  # fmt: skip
     """Per-GPU memory estimate in GiB, term by term (the busiest stage).
 
     ``logprob_chunk``: NeMo-RL's logprob chunk size with deferred fp32 logits (None: its default, fp32 logits).
+    ``dpo``: ``global_batch`` and ``layout.micro_batch`` count pairs, two unpacked sequences each (module docstring).
     """
     params = parameters_on_gpu(spec, layout)
     optimizer_shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
     micro_batches = global_batch // (layout.micro_batch * layout.dp)
     in_flight = min(layout.pp, micro_batches)
-    tokens = layout.micro_batch * seq_length / layout.cp
+    rows = 2 * layout.micro_batch if dpo else 1  # unpacked sequences whose logits are chunked side by side
+    tokens = layout.micro_batch * (2 if dpo else 1) * seq_length / layout.cp
     layers = spec.num_layers // layout.pp
     gib = 1024**3
     terms = {
@@ -161,9 +179,35 @@ def memory_breakdown(
         "gradients": BF16 * params / gib,
         "optimizer": 12 * params / optimizer_shards / gib,
         "activations": activation_bytes_per_token_layer(spec, layout) * tokens * layers * in_flight / gib,
-        "logits_and_loss": logits_bytes(spec, layout, tokens, logprob_chunk) / gib,
+        "logits_and_loss": logits_bytes(spec, layout, tokens, logprob_chunk, rows) / gib,
     }
     terms["allowance"] = FRAMEWORK_GB + FRAGMENTATION * sum(terms.values())
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def reference_host_bytes(spec: AliaSpec, layout: Layout) -> dict[str, float]:
+    """Host memory one GPU's rank holds for DPO's frozen reference model, bytes (Megatron backend).
+
+    Where NeMo-RL v0.7.0 keeps it (nemo_rl/models/policy/workers/megatron_policy_worker.py and
+    nemo_rl/models/megatron/setup.py):
+      - at start-up (worker lines 394-404) the policy is moved to CPU, ``setup_reference_model_state`` builds a second
+        model, loads the start checkpoint into it and copies its state dict to CPU (setup.py lines 1566-1575:
+        ``item.detach().to(device="cpu", copy=True)``); the policy then returns to the GPU. The GPU peak of that
+        moment (a bf16 model and its DDP buffers while the policy's weights are on the host) stays below training's;
+      - ``use_reference_model`` (worker lines 1027-1080), around every reference log-probability pass: the policy's
+        own state dict is copied to CPU (line 1044, a second host copy while it lasts), the reference tensors are
+        copied into the policy's GPU tensors in place (``_apply_state_dict_to_model``), and back afterwards.
+    So the reference costs no GPU memory but two bf16 copies of the rank's weights in host memory (the resident
+    reference and the policy's copy during the swap); DP replicas each keep their own.
+    """
+    params = parameters_on_gpu(spec, layout)
+    return {"reference_weights": BF16 * params, "policy_copy_during_swap": BF16 * params}
+
+
+def reference_host_gib(spec: AliaSpec, layout: Layout, gpus_per_node: int) -> dict[str, float]:
+    """:func:`reference_host_bytes` of a node's ranks, in GiB, with their total."""
+    terms = {k: gpus_per_node * v / 1024**3 for k, v in reference_host_bytes(spec, layout).items()}
     terms["total"] = sum(terms.values())
     return terms
 
@@ -188,10 +232,15 @@ def efficiency(layout: Layout, micro_batches: int) -> float:
     return BASE_MFU * bubble * penalty
 
 
-def step_seconds(spec: AliaSpec, layout: Layout, gpu: Gpu, seq_length: int, global_batch: int) -> float:
-    """Estimated time of one optimizer step of ``global_batch`` sequences."""
+def step_seconds(
+    spec: AliaSpec, layout: Layout, gpu: Gpu, seq_length: int, global_batch: int, dpo: bool = False
+) -> float:
+    """Estimated time of one optimizer step of ``global_batch`` sequences (DPO: pairs, plus the reference pass)."""
     micro_batches = global_batch // (layout.micro_batch * layout.dp)
-    work = flops_per_token(spec, seq_length, layout.recompute) * global_batch * seq_length
+    per_token = flops_per_token(spec, seq_length, layout.recompute)
+    if dpo:  # two sequences per pair, and a forward pass of the reference over both
+        per_token = 2 * (per_token + flops_per_token(spec, seq_length, "none") / 3)
+    work = per_token * global_batch * seq_length
     return work / (layout.gpus * gpu.peak_tflops * 1e12 * efficiency(layout, micro_batches))
 
 
@@ -207,8 +256,12 @@ def plan(
     gpus_per_node: int,
     gpu: Gpu,
     micro_batches: tuple[int, ...] = (1, 2),
+    dpo: bool = False,
 ) -> dict[str, Any]:
-    """Every layout of the cluster's GPUs: valid or not (with reasons), memory, step time, fit; ranked."""
+    """Every layout of the cluster's GPUs: valid or not (with reasons), memory, step time, fit; ranked.
+
+    ``dpo``: the batch counts pairs (two unpacked sequences each) and CP layouts are invalid (module docstring).
+    """
     total = num_nodes * gpus_per_node
     rows = []
     for tp, pp, cp, mb, rc in product(
@@ -219,13 +272,15 @@ def plan(
             continue
         layout = Layout(tp, pp, cp, total // (tp * pp * cp), mb, rc)  # type: ignore[arg-type]
         reasons = invalid_reasons(spec, layout, seq_length, gpus_per_node, global_batch)
+        if dpo and cp > 1:
+            reasons.append(f"CP={cp}: Megatron context parallelism needs sequence packing, which NeMo-RL's DPO refuses")
         row: dict[str, Any] = {"layout": asdict(layout), "valid": not reasons, "reasons": reasons}
         if not reasons:
-            mem = memory_breakdown(spec, layout, seq_length, global_batch)
+            mem = memory_breakdown(spec, layout, seq_length, global_batch, dpo=dpo)
             row.update(
                 memory_gib={k: round(v, 2) for k, v in mem.items()},
                 fits=mem["total"] <= gpu.memory_gb * 1e9 / 1024**3,
-                step_s=step_seconds(spec, layout, gpu, seq_length, global_batch),
+                step_s=step_seconds(spec, layout, gpu, seq_length, global_batch, dpo),
             )
         rows.append(row)
     fitting = sorted((r for r in rows if r.get("fits")), key=lambda r: r["step_s"])
@@ -233,6 +288,7 @@ def plan(
         "model": spec.name,
         "seq_length": seq_length,
         "global_batch": global_batch,
+        **({"dpo": True} if dpo else {}),
         "gpus": total,
         "gpu": asdict(gpu),
         "layouts": rows,

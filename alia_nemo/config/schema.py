@@ -59,9 +59,30 @@ class RopeConfig(_Section):
         return RopeSettings(**{**self.model_dump(), "factor": self.factor or 1.0})
 
 
+class DPOSettings(_Section):
+    """Direct preference optimisation (sigmoid loss) against a frozen reference model: the stage's start model."""
+
+    beta: float = Field(
+        0.1, gt=0, description="how strongly the policy is held to the reference (NeMo-RL: reference_policy_kl_penalty)"
+    )
+    average_log_probs: bool = Field(
+        False, description="mean instead of sum of the answer's token log-probabilities (length-normalised DPO)"
+    )
+    sft_loss_weight: float = Field(0.0, ge=0, description="weight of an NLL loss on the chosen answers (0: pure DPO)")
+    preference_loss_weight: float = Field(1.0, ge=0, description="weight of the DPO loss itself")
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> DPOSettings:
+        if self.sft_loss_weight == 0 and self.preference_loss_weight == 0:
+            raise ValueError("sft_loss_weight and preference_loss_weight are both 0: nothing would be trained")
+        return self
+
+
 class StageConfig(_Section):
     name: str
-    kind: Literal["sft", "cpt"] = Field("sft", description="sft (chat, assistant tokens) or cpt (plain text, all)")
+    kind: Literal["sft", "cpt", "dpo"] = Field(
+        "sft", description="sft (chat, assistant tokens), cpt (plain text, all) or dpo (preference pairs)"
+    )
     seq_length: int = Field(gt=0, description="longest training sequence in tokens (CPT: the window length)")
     lr: float = Field(gt=0, le=1)
     lr_scheduler: Literal["constant", "cosine"]
@@ -83,15 +104,20 @@ class StageConfig(_Section):
     token_budget: int | None = Field(None, gt=0, description="CPT: tokens to train on (sets max_steps)")
     tokens_per_update: int | None = Field(None, gt=0, description="CPT: target tokens per optimizer step")
     rope: RopeConfig = RopeConfig()
+    dpo: DPOSettings | None = Field(None, description="DPO stages only: the preference loss (null: its defaults)")
 
     @model_validator(mode="after")
     def _complete(self) -> StageConfig:
+        if self.kind == "dpo" and self.dpo is None:
+            object.__setattr__(self, "dpo", DPOSettings())
+        if self.kind != "dpo" and self.dpo is not None:
+            raise ValueError(f"stage.dpo applies to DPO stages; this stage has kind={self.kind}: remove stage.dpo")
         if self.rope.type == "llama3" and self.rope.factor is None:
             # Llama-3.1-style default: scale by how much longer the stage is than the original context.
             factor = self.seq_length / self.rope.original_max_position_embeddings
             object.__setattr__(self.rope, "factor", factor)
-        if self.kind == "sft" and self.global_batch_size is None:
-            raise ValueError("stage.global_batch_size is required for SFT stages")
+        if self.kind in ("sft", "dpo") and self.global_batch_size is None:
+            raise ValueError(f"stage.global_batch_size is required for {self.kind.upper()} stages")
         if self.kind == "cpt" and self.global_batch_size is None and self.tokens_per_update is None:
             raise ValueError("a CPT stage needs stage.tokens_per_update (or an explicit stage.global_batch_size)")
         return self
@@ -280,8 +306,55 @@ class TextCorpusConfig(_Section):
     )
 
 
-AnyDataConfig = Annotated[DataConfig | MixtureConfig | TextCorpusConfig, Field(discriminator="format")]
-DATA_FORMATS = ("messages_jsonl", "mixture", "text_corpus")
+class PreferenceDatasetConfig(_Section):
+    """One source of preference pairs: a public set through its adapter, or local JSONL in our pair format."""
+
+    licence: str
+    adapter: str = Field(description="pair adapter from alia_nemo.data.preference_adapters.PREFERENCE_ADAPTERS")
+    origin: OriginConfig
+    counts: dict[Language, int] = Field(description="pairs per language to select")
+    options: dict[str, Any] = Field(default_factory=dict, description="adapter options")
+
+    @field_validator("adapter")
+    @classmethod
+    def _known_adapter(cls, v: str) -> str:
+        from alia_nemo.data.preference_adapters import PREFERENCE_ADAPTERS
+
+        if v not in PREFERENCE_ADAPTERS:
+            raise ValueError(f"{v!r} is not a preference adapter; choose one of {sorted(PREFERENCE_ADAPTERS)}")
+        return v
+
+    @field_validator("counts")
+    @classmethod
+    def _positive(cls, v: dict[str, int]) -> dict[str, int]:
+        if not v or any(n < 0 for n in v.values()):
+            raise ValueError("counts must be a non-empty mapping of language -> non-negative count")
+        return v
+
+
+class PreferenceConfig(_Section):
+    """Preference pairs (a shared prompt, a chosen and a rejected answer) for a DPO stage, prepared once."""
+
+    name: PlainName
+    format: Literal["preference"]
+    internal_dir: str = Field(description="directory of the internal (non-public) sets")
+    prepared_root: str = Field(description="where prepared pair sets are cached, one directory per input hash")
+    on_shortfall: Literal["error", "repeat", "take_all"] = Field(
+        "error", description="a source with fewer usable pairs than asked: stop, repeat pairs, or take what there is"
+    )
+    allow_missing_internal: bool = Field(False, description="build without missing internal files (recorded)")
+    exclude_licenses: list[str] = Field(default_factory=list, description="datasets under these licences are left out")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="validation pairs per dataset and language (extra)")
+    max_tokens: int | None = Field(
+        None, gt=0, description="longest prompt + answer kept, for chosen and rejected alike (null: stage.seq_length)"
+    )
+    datasets: dict[str, PreferenceDatasetConfig] = Field(min_length=1)
+
+
+AnyDataConfig = Annotated[
+    DataConfig | MixtureConfig | TextCorpusConfig | PreferenceConfig, Field(discriminator="format")
+]
+DATA_FORMATS = ("messages_jsonl", "mixture", "text_corpus", "preference")
 
 
 class EngineConfig(_Section):
@@ -345,6 +418,9 @@ class ClusterConfig(_Section):
     gpu_name: str = "none"
     gpu_memory_gb: float = Field(0.0, ge=0, description="usable memory per GPU, GB (1e9 bytes)")
     gpu_peak_tflops: float = Field(0.0, ge=0, description="dense bf16 peak per GPU, TFLOP/s")
+    ram_gb: float = Field(
+        0.0, ge=0, description="host memory per node, GB (1e9 bytes); DPO's reference weights live there (0: unchecked)"
+    )
 
 
 class RunConfig(_Section):
@@ -386,7 +462,8 @@ class AliaConfig(_Section):
         if self.stage.kind != kind:
             raise ValueError(
                 f"stage.kind={self.stage.kind} does not go with data.format={self.data.format}: SFT stages take "
-                "conversations (data=sample, data=sft_mixture), CPT stages a text corpus (data=cpt_sample, ...)"
+                "conversations (data=sample, data=sft_mixture), CPT stages a text corpus (data=cpt_sample, ...), "
+                "DPO stages preference pairs (data=dpo_sample, data=preference_mixture)"
             )
         resolve(self)  # the layout and batch divide, the data fills a batch: one set of rules (config.resolve)
         return self

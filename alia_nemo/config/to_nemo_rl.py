@@ -1,11 +1,12 @@
-"""A resolved stage -> one NeMo-RL v0.7 SFT config: translation only (the one place that knows NeMo-RL's keys).
+"""A resolved stage -> one NeMo-RL v0.7 config: translation only (the one place that knows NeMo-RL's keys).
 
 :func:`translate` maps a :class:`~alia_nemo.config.resolve.ResolvedStage` (every number already derived) plus
 where its prepared data and starting model are to a complete, standalone YAML (no ``defaults:``) that upstream
-``examples/run_sft.py --config FILE`` and our ``engine=nemo_rl`` driver both run unchanged. It reads and writes
-nothing: preparing data and writing a starting model are the caller's (:mod:`alia_nemo.engines.nemo_rl_prepare`).
-The settings we never change are data (``nemo_rl_fixed.yaml``); the result is checked against the strict mirror
-in :mod:`alia_nemo.config.nemo_rl_schema` before it is returned.
+``examples/run_sft.py --config FILE`` (SFT and CPT stages) or ``examples/run_dpo.py --config FILE`` (DPO stages)
+and our ``engine=nemo_rl`` driver all run unchanged. It reads and writes nothing: preparing data and writing a
+starting model are the caller's (:mod:`alia_nemo.engines.nemo_rl_prepare`). The settings we never change are data
+(``nemo_rl_fixed.yaml``); the result is checked against the strict mirror in :mod:`alia_nemo.config.nemo_rl_schema`
+before it is returned.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 
 from alia_nemo.config.nemo_rl_schema import validate_nemo_rl
-from alia_nemo.config.planner import LOGPROB_CHUNK
+from alia_nemo.config.planner import HOST_SHARE, LOGPROB_CHUNK
 from alia_nemo.config.resolve import ResolvedStage
 from alia_nemo.config.schema import AliaConfig, NemoRLEngineConfig, StageConfig
 from alia_nemo.data.sources import source_for
@@ -26,10 +27,12 @@ from alia_nemo.errors import ConfigError
 from alia_nemo.model.architectures import get_spec
 from alia_nemo.model.chatml import CHAT_TEMPLATE
 from alia_nemo.nemo_rl.dataset import PROCESSOR_NAME
+from alia_nemo.nemo_rl.preference import PREFERENCE_PROCESSOR_NAME, PREFERENCE_TASK
 from alia_nemo.nemo_rl.text_dataset import TEXT_PROCESSOR_NAME
 
 DATASET_CLASS = "alia_nemo.nemo_rl.AliaSFTDataset"
 TEXT_DATASET_CLASS = "alia_nemo.nemo_rl.AliaTextDataset"
+PREFERENCE_DATASET_CLASS = "alia_nemo.nemo_rl.AliaPreferenceDataset"
 TASK_NAME = "alia_sft"
 UNPREPARED = "UNPREPARED: run `alia-nemo prepare` with the same overrides, then compile again"
 FIXED: dict[str, Any] = yaml.safe_load((Path(__file__).with_name("nemo_rl_fixed.yaml")).read_text())
@@ -83,9 +86,12 @@ def check_compilable(cfg: AliaConfig) -> NemoRLEngineConfig:
         )
     if not source_for(cfg.data).cached:
         raise ConfigError(
-            "compile reads a prepared mixture (data.format=mixture, e.g. data=sample or data=sft_mixture) or a "
-            "packed corpus (data.format=text_corpus); plain JSONL goes into a mixture through the `messages` adapter"
+            "compile reads a prepared mixture (data.format=mixture, e.g. data=sample or data=sft_mixture), a "
+            "packed corpus (data.format=text_corpus) or prepared preference pairs (data.format=preference); plain "
+            "JSONL goes into a mixture through the `messages` adapter"
         )
+    if cfg.stage.kind == "dpo":
+        check_dpo_layout(eng)
     pp_uneven = eng.first_pipeline_stage_layers or eng.last_pipeline_stage_layers
     if eng.backend == "dtensor" and (eng.pipeline_parallel != 1 or pp_uneven):
         raise ConfigError("engine.pipeline_parallel (and uneven stages) need engine.backend=megatron")
@@ -97,11 +103,34 @@ def check_compilable(cfg: AliaConfig) -> NemoRLEngineConfig:
     return eng
 
 
+def check_dpo_layout(eng: NemoRLEngineConfig) -> None:
+    """What NeMo-RL v0.7's DPO can not run, refused with the fix.
+
+    ``dpo.setup`` asserts that sequence packing and dynamic batching are off: anything that reorders a batch
+    would split a (chosen, rejected) pair. Megatron's context parallelism needs packed sequences, so Megatron
+    DPO layouts are CP1 (split the model with TP and PP instead, and recompute activations).
+    """
+    if eng.sequence_packing:
+        raise ConfigError(
+            "engine.sequence_packing=true: NeMo-RL v0.7's DPO refuses sequence packing (dpo.setup asserts it is off; "
+            "packing would reorder the chosen/rejected pairs of a batch). Set engine.sequence_packing=false"
+        )
+    if eng.backend == "megatron" and eng.context_parallel > 1:
+        raise ConfigError(
+            f"engine.context_parallel={eng.context_parallel}: Megatron context parallelism needs sequence packing, "
+            "which NeMo-RL v0.7's DPO refuses; DPO layouts use engine.context_parallel=1 (more tensor or pipeline "
+            "parallelism and activation checkpointing instead: `alia-nemo compile` suggests layouts that fit)"
+        )
+
+
 def _precision(cfg: AliaConfig) -> str:
     return "bfloat16" if cfg.model.dtype == "bfloat16" else "float32"
 
 
 def _megatron_optimizer(s: StageConfig, steps: int, precision: str) -> dict[str, Any]:
+    # Optimizer steps, also for DPO: NeMo-RL's dpo.setup doubles megatron_cfg.train_iters and every scheduler key
+    # with "iters" in its name (lr_decay_iters, lr_warmup_iters) itself, because each pair is two sequences.
+    # Doubling them here too would stretch the schedule to twice the run.
     optimizer = {
         **fixed("megatron_optimizer"),
         "lr": s.lr,
@@ -201,7 +230,35 @@ def _policy(cfg: AliaConfig, stage: ResolvedStage, start: StartModel) -> dict[st
     }
 
 
+def _preference_data(cfg: AliaConfig, stage: ResolvedStage, data_path: str) -> dict[str, Any]:
+    """DPO's data section: our pairs' train split, and their held-out split as NeMo-RL's ``data.validation``.
+
+    Both entries name our dataset class by dotted path, which NeMo-RL's ``load_preference_dataset`` imports; that
+    is also where upstream ``run_dpo.py``'s ``setup_preference_data`` takes its validation set from.
+    """
+
+    def entry(split: str) -> dict[str, Any]:
+        return {
+            "dataset_name": PREFERENCE_DATASET_CLASS,
+            "data_path": data_path,
+            "task_name": PREFERENCE_TASK,
+            "split": split,
+            "processor": PREFERENCE_PROCESSOR_NAME,
+            **fixed("train_dataset"),
+        }
+
+    return {
+        "max_input_seq_length": stage.seq_length,
+        **fixed("dpo_data"),
+        "num_workers": check_compilable(cfg).dataloader_workers,
+        "train": entry("train"),
+        "validation": entry("validation") if stage.val_rows > 0 else None,
+    }
+
+
 def _data(cfg: AliaConfig, stage: ResolvedStage, data_path: str) -> dict[str, Any]:
+    if stage.kind == "dpo":
+        return _preference_data(cfg, stage, data_path)
     cpt = stage.kind == "cpt"
     train = {
         "dataset_name": TEXT_DATASET_CLASS if cpt else DATASET_CLASS,
@@ -216,7 +273,8 @@ def _data(cfg: AliaConfig, stage: ResolvedStage, data_path: str) -> dict[str, An
     return data
 
 
-def _sft(cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any]:
+def _loop(cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any]:
+    """The keys SFT's and DPO's loop sections share: epochs, steps, validation schedule and seed."""
     eng, has_val = check_compilable(cfg), stage.val_rows > 0
     return {
         "max_num_epochs": cfg.stage.epochs,
@@ -228,7 +286,24 @@ def _sft(cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any]:
         "val_at_start": eng.val_at_start and has_val,
         "val_at_end": has_val,
         "seed": cfg.run.seed,
-        **fixed("sft"),
+    }
+
+
+def _sft(cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any]:
+    return {**_loop(cfg, stage), **fixed("sft")}
+
+
+def _dpo(cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any]:
+    """NeMo-RL's ``dpo`` section: the loop's schedule and ``stage.dpo`` under NeMo-RL's names."""
+    d = cfg.stage.dpo
+    assert d is not None  # the schema fills it for DPO stages
+    return {
+        **_loop(cfg, stage),
+        "reference_policy_kl_penalty": d.beta,
+        "preference_average_log_probs": d.average_log_probs,
+        "sft_average_log_probs": d.average_log_probs,
+        "preference_loss_weight": d.preference_loss_weight,
+        "sft_loss_weight": d.sft_loss_weight,
     }
 
 
@@ -248,7 +323,8 @@ def _logger(cfg: AliaConfig, out: Path) -> dict[str, Any]:
 
 
 def translate(cfg: AliaConfig, stage: ResolvedStage, data_path: str, start: StartModel) -> dict[str, Any]:
-    """NeMo-RL's SFT config for the resolved ``stage``, its data at ``data_path`` and its ``start`` model.
+    """NeMo-RL's SFT config (DPO config for a DPO stage) for the resolved ``stage``, its data at ``data_path`` and
+    its ``start`` model (for DPO also the frozen reference model: NeMo-RL's policy keeps a copy of its start).
 
     Raises :class:`ConfigError` (or :class:`~alia_nemo.config.nemo_rl_schema.NemoRLConfigError`) when NeMo-RL
     could not run it.
@@ -265,7 +341,7 @@ def translate(cfg: AliaConfig, stage: ResolvedStage, data_path: str, start: Star
     config = {
         "policy": _policy(cfg, stage, start),
         "data": _data(cfg, stage, data_path),
-        "sft": _sft(cfg, stage),
+        **({"dpo": _dpo(cfg, stage)} if stage.kind == "dpo" else {"sft": _sft(cfg, stage)}),
         "checkpointing": checkpointing,
         "logger": _logger(cfg, out),
         "cluster": {
@@ -279,11 +355,16 @@ def translate(cfg: AliaConfig, stage: ResolvedStage, data_path: str, start: Star
 
 
 def memory_estimate(cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any] | None:
-    """The planner's per-GPU memory estimate (Megatron backend) for the resolved stage's layout, in GiB."""
-    from alia_nemo.config.planner import Gpu, Layout, memory_breakdown, plan
+    """The planner's per-GPU memory estimate (Megatron backend) for the resolved stage's layout, in GiB.
+
+    DPO stages count what NeMo-RL's DPO holds (:mod:`alia_nemo.config.planner`): two sequences per pair in each
+    micro-batch on the GPU, and the frozen reference model where NeMo-RL's Megatron worker keeps it, in host memory
+    (``reference_host_gib`` per node, against ``host_budget``: a share of ``cluster.ram_gb``, when it is set).
+    """
+    from alia_nemo.config.planner import Gpu, Layout, memory_breakdown, plan, reference_host_gib
 
     eng, cl, s = cfg.engine, cfg.cluster, cfg.stage
-    dp, gbs = stage.layout["dp"], stage.global_batch_size
+    dp, gbs, dpo = stage.layout["dp"], stage.global_batch_size, stage.kind == "dpo"
     assert isinstance(eng, NemoRLEngineConfig)
     if not cl.gpu_memory_gb:
         return None
@@ -292,12 +373,12 @@ def memory_estimate(cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any] | N
         eng.tensor_parallel, eng.pipeline_parallel, eng.context_parallel, dp, s.micro_batch_size,
         eng.recompute_granularity if eng.activation_checkpointing else "none", sequence_parallel=eng.sequence_parallel,
     )  # fmt: skip
-    terms = memory_breakdown(spec, layout, s.seq_length, gbs, LOGPROB_CHUNK)
+    terms = memory_breakdown(spec, layout, s.seq_length, gbs, LOGPROB_CHUNK, dpo=dpo)
     budget = cl.gpu_memory_gb * 1e9 / 1024**3
     suggestion = None
     if terms["total"] > budget and cl.gpu_peak_tflops:
         ranked = plan(spec, s.seq_length, gbs, cl.num_nodes, cl.gpus_per_node,
-                      Gpu(cl.gpu_memory_gb, cl.gpu_peak_tflops))["ranked"]  # fmt: skip
+                      Gpu(cl.gpu_memory_gb, cl.gpu_peak_tflops), dpo=dpo)["ranked"]  # fmt: skip
         # The fitting layouts closest to the requested one (fewest changed sizes), fastest first among equals.
         want = (eng.tensor_parallel, eng.pipeline_parallel, eng.context_parallel)
 
@@ -307,7 +388,12 @@ def memory_estimate(cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any] | N
 
         picks = sorted(ranked, key=lambda r: (distance(r), r["step_s"]))[:3]
         suggestion = "; ".join(_as_overrides(r) for r in picks) or None
-    return {"total": round(terms["total"], 1), "budget": round(budget, 1), "suggestion": suggestion}
+    memory = {"total": round(terms["total"], 1), "budget": round(budget, 1), "suggestion": suggestion}
+    if dpo:
+        host = reference_host_gib(spec, layout, cl.gpus_per_node)["total"]
+        host_budget = round(HOST_SHARE * cl.ram_gb * 1e9 / 1024**3, 1) if cl.ram_gb else None
+        memory.update(reference_host_gib=round(host, 1), host_budget=host_budget)
+    return memory
 
 
 def _as_overrides(row: dict[str, Any]) -> str:
@@ -327,18 +413,29 @@ def _as_overrides(row: dict[str, Any]) -> str:
 
 
 def check_memory(cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any] | None:
-    """The Megatron memory estimate of the stage's layout; :class:`ConfigError` when it exceeds the GPU."""
+    """The Megatron memory estimate of the stage's layout; :class:`ConfigError` when it exceeds the GPU (or, for
+    DPO, when the reference model's host copies exceed their share of a node's RAM)."""
     eng = check_compilable(cfg)
     if eng.backend != "megatron":
         return None
     memory = memory_estimate(cfg, stage)
+    lay = stage.layout
     if memory and memory["total"] > memory["budget"]:
-        lay = stage.layout
+        what = " (DPO: chosen and rejected sequences in each micro-batch)" if stage.kind == "dpo" else ""
         raise ConfigError(
             f"estimated {memory['total']:.1f} GiB per GPU for TP{lay['tp']} PP{lay['pp']} CP{lay['cp']} "
-            f"DP{lay['dp']} (recompute {eng.recompute_granularity if eng.activation_checkpointing else 'off'}) "
+            f"DP{lay['dp']} (recompute {eng.recompute_granularity if eng.activation_checkpointing else 'off'}){what} "
             f"exceeds the {memory['budget']:.1f} GiB of a {cfg.cluster.gpu_name}; `alia-nemo plan` with the same "
             f"overrides ranks layouts that fit (nearest here: {memory['suggestion'] or 'none'}); "
+            "--skip-memory-check to compile anyway"
+        )
+    if memory and memory.get("host_budget") and memory["reference_host_gib"] > memory["host_budget"]:
+        raise ConfigError(
+            "DPO's reference model: NeMo-RL's Megatron worker keeps it in host memory, "
+            f"{memory['reference_host_gib']:.1f} GiB per node for TP{lay['tp']} PP{lay['pp']} with "
+            f"{cfg.cluster.gpus_per_node} GPUs per node (the reference weights and the policy's copy while they are "
+            f"swapped), more than {memory['host_budget']:.1f} GiB ({HOST_SHARE:.0%} of cluster.ram_gb="
+            f"{cfg.cluster.ram_gb:g} GB); raise engine.tensor_parallel or engine.pipeline_parallel, or "
             "--skip-memory-check to compile anyway"
         )
     return memory
@@ -365,15 +462,30 @@ def header(cfg: AliaConfig, compiled: Compiled, command: str) -> str:
     """The comment block written above a compiled YAML: what it is and how to run it."""
     d = compiled.derived
     lay = d["layout"]
+    dpo = "dpo" in compiled.config
+    script = "run_dpo.py" if dpo else "run_sft.py"
     lines = [
-        f"NeMo-RL v0.7 SFT config compiled by alia-nemo from: {command}",
+        f"NeMo-RL v0.7 {'DPO' if dpo else 'SFT'} config compiled by alia-nemo from: {command}",
         f"model {cfg.model.arch} ({cfg.model.pretrained or 'random init'}), stage {cfg.stage.name}, "
         f"data {cfg.data.name}, cluster {cfg.cluster.name}",
         f"{d['train_rows']:,} training {d['resolved']['unit']} ({d['counted_from']}) / global batch "
         f"{d['resolved']['global_batch_size']} -> {d['max_num_steps']:,} steps",
         f"layout TP{lay['tp']} PP{lay['pp']} CP{lay['cp']} DP{lay['dp']} on {d['gpus']} GPUs, "
         f"{d['grad_accumulation']} micro-batches accumulated per step",
-        "Run:  uv run examples/run_sft.py --config THIS_FILE   (NeMo-RL checkout, alia_nemo on PYTHONPATH)",
+    ]
+    if dpo:
+        beta = compiled.config["dpo"]["reference_policy_kl_penalty"]
+        lines.append(
+            f"DPO, beta {beta:g}: a pair's chosen and rejected sequences share a micro-batch; the frozen reference "
+            "model is the start model"
+        )
+        if compiled.config["policy"]["megatron_cfg"]["enabled"]:
+            lines.append(
+                "Megatron: lr_decay_iters and lr_warmup_iters are optimizer steps; NeMo-RL's dpo.setup doubles them "
+                "(and train_iters) itself"
+            )
+    lines += [
+        f"Run:  uv run examples/{script} --config THIS_FILE   (NeMo-RL checkout, alia_nemo on PYTHONPATH)",
         "  or: alia-nemo train engine=nemo_rl <the same overrides>",
     ]
     return "".join(f"# {line}\n" for line in lines)

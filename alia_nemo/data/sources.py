@@ -229,7 +229,60 @@ class TextCorpus(DataSource):
         print(f"[alia-nemo] prepared corpus: {directory}")
 
 
-SOURCES: dict[str, DataSource] = {s.format: s for s in (MessagesJsonl(), Mixture(), TextCorpus())}
+class Preference(DataSource):
+    """Preference pairs for a DPO stage: exact counts per dataset and language, prepared once into the cache."""
+
+    format, unit, stage_kind, cached = "preference", "pairs", "dpo", True
+
+    def max_tokens(self, cfg: AliaConfig) -> int:
+        """data.max_tokens, never more than stage.seq_length: the longest chosen or rejected sequence kept."""
+        return min(cfg.data.max_tokens or cfg.stage.seq_length, cfg.stage.seq_length)  # type: ignore[union-attr]
+
+    def plan(self, cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any]:
+        from alia_nemo.data.preference import plan
+
+        return {**plan(cfg.data), "max_tokens": stage.max_tokens, "seed": cfg.run.seed}  # type: ignore[arg-type]
+
+    def prepare(self, cfg: AliaConfig, stage: ResolvedStage, tokenizer, progress: bool = True) -> Path:
+        from alia_nemo.data.preference import prepare_preferences
+
+        return prepare_preferences(cfg.data, tokenizer, stage.max_tokens, cfg.run.seed, progress=progress)  # type: ignore[arg-type]
+
+    def count(self, cfg: AliaConfig, manifest: dict[str, Any] | None, train_tokens: int | None) -> Counts:
+        from alia_nemo.config.resolve import validation_count
+        from alia_nemo.data.preference import active_datasets
+
+        if manifest is not None:
+            totals = manifest["totals"]
+            train = totals.get("selected", 0) + totals.get("repeated", 0)
+            where = f"prepared preference set {manifest['name']}-{manifest['key'][:16]}"
+            return Counts(train, totals.get("val", 0), where)
+        datasets = active_datasets(cfg.data).values()  # type: ignore[arg-type]
+        requested = sum(n for d in datasets for n in d.counts.values())
+        val = sum(validation_count(n, cfg.data.val_fraction) for d in datasets for n in d.counts.values())  # type: ignore[union-attr]
+        return Counts(requested, val, "requested by the config, not yet prepared")
+
+    def load(self, cfg: AliaConfig, stage: ResolvedStage, tokenizer) -> Prepared:
+        from alia_nemo.data.preference import load_prepared_preferences
+
+        directory = self.prepare(cfg, stage, tokenizer)
+        train, val, manifest = load_prepared_preferences(directory)
+        report = {"prepared": str(directory), "train": len(train), "val": len(val), **manifest["totals"]}
+        return Prepared(train, val, report, manifest)  # type: ignore[arg-type]
+
+    def print_plan(self, plan: dict[str, Any]) -> None:
+        from alia_nemo.data.preference import print_preference_plan
+
+        print_preference_plan(plan)
+
+    def print_prepared(self, cfg: AliaConfig, directory: Path, manifest: dict[str, Any]) -> None:
+        from alia_nemo.data.preference import print_preference_manifest
+
+        print_preference_manifest(manifest)
+        print(f"[alia-nemo] prepared preference set: {directory}")
+
+
+SOURCES: dict[str, DataSource] = {s.format: s for s in (MessagesJsonl(), Mixture(), TextCorpus(), Preference())}
 
 
 def source_for(data: Any) -> DataSource:

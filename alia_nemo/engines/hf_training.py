@@ -158,9 +158,17 @@ def training_arguments(cfg: AliaConfig, stage: ResolvedStage, output_dir: Path, 
     )
 
 
-def metrics_callback(path: Path, print_every: int):
+def metrics_callback(path: Path, print_every: int, shown: tuple[tuple[str, str], ...] = ()):
     """A Trainer callback (main process only) that appends every log event to ``metrics.jsonl`` and prints
-    one short progress line every ``print_every`` steps (in place of transformers' per-step dict dump)."""
+    one short progress line every ``print_every`` steps (in place of transformers' per-step dict dump).
+
+    ``shown`` adds ``(logged key, label)`` pairs to the progress and validation lines when they were logged
+    (DPO shows its reward margin and accuracy; the validation line reads the key with an ``eval_`` prefix).
+    """
+
+    def extra(logs: dict, prefix: str = "") -> str:
+        return "".join(f" {label} {logs[prefix + key]:.4f}" for key, label in shown if prefix + key in logs)
+
     from transformers import TrainerCallback
 
     def append(row: dict) -> None:
@@ -192,14 +200,52 @@ def metrics_callback(path: Path, print_every: int):
             step = state.global_step
             if "loss" in logs and (step % print_every == 0 or step in (1, state.max_steps)):
                 print(
-                    f"[alia-nemo] step {step}/{state.max_steps} loss {logs['loss']:.4f} "
+                    f"[alia-nemo] step {step}/{state.max_steps} loss {logs['loss']:.4f}{extra(logs)} "
                     f"lr {logs.get('learning_rate', 0):.3g}",
                     flush=True,
                 )
             if "eval_loss" in logs:
-                print(f"[alia-nemo] step {step} validation loss {logs['eval_loss']:.4f}", flush=True)
+                print(f"[alia-nemo] step {step} validation loss {logs['eval_loss']:.4f}{extra(logs, 'eval_')}",
+                      flush=True)  # fmt: skip
 
     return MetricsCallback()
+
+
+def prepare_worker(cfg: AliaConfig, output_dir: Path) -> None:
+    """Per-process setup every training loop does first: torch threads and the TensorBoard directory."""
+    import torch
+
+    threads = cfg.engine.torch_threads or max(1, (os.cpu_count() or 1) // cfg.engine.num_workers)
+    torch.set_num_threads(threads)
+    # transformers' TensorBoard callback reads its directory from the environment only.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir / "tensorboard")
+
+
+def resume_point(cfg: AliaConfig, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from (``run.resume``), bad newer ones moved aside by the first process only."""
+    first = int(os.environ.get("RANK", "0")) == 0
+    return newest_complete_checkpoint(output_dir / "checkpoints", move_aside=first) if cfg.run.resume else None
+
+
+def save_final(trainer, tokenizer, output_dir: Path) -> None:
+    """``output_dir/final``: the trained weights, the tokenizer and ALIA's generation defaults (a chat-ready model)."""
+    from transformers import GenerationConfig
+
+    final = output_dir / "final"
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(final))
+        GenerationConfig(**GENERATION_DEFAULTS).save_pretrained(str(final))
+
+
+def run_metadata(trainer, resume: Path | None) -> dict[str, Any]:
+    """What every engine result records beside the Trainer's metrics: steps taken, resume point, layout."""
+    return {
+        "global_step": trainer.state.global_step,
+        "resumed_from": resume.name if resume else None,
+        "world_size": trainer.args.world_size,
+        "grad_accumulation": trainer.args.gradient_accumulation_steps,
+    }
 
 
 def train_sft(
@@ -217,14 +263,10 @@ def train_sft(
     Works alone or inside a Ray Train worker (torch.distributed already set up: DDP over gloo/NCCL).
     Returns the Trainer's train metrics plus where it resumed from.
     """
-    import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, GenerationConfig, PrinterCallback, Trainer
+    from transformers import AutoTokenizer, PrinterCallback, Trainer
 
-    threads = cfg.engine.torch_threads or max(1, (os.cpu_count() or 1) // cfg.engine.num_workers)
-    torch.set_num_threads(threads)
-    # transformers' TensorBoard callback reads its directory from the environment only.
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir / "tensorboard")
+    prepare_worker(cfg, output_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = build_model(cfg, stage)
     args = training_arguments(cfg, stage, output_dir, use_cpu, ["tensorboard"] if report_to is None else report_to)
@@ -237,21 +279,11 @@ def train_sft(
         callbacks=[metrics_callback(output_dir / "metrics.jsonl", cfg.run.print_every)],
     )
     trainer.remove_callback(PrinterCallback)  # one dict per step drowns the console (and Ray's log stream)
-    first = int(os.environ.get("RANK", "0")) == 0
-    resume = newest_complete_checkpoint(output_dir / "checkpoints", move_aside=first) if cfg.run.resume else None
+    resume = resume_point(cfg, output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics = dict(result.metrics)
     if val_rows:  # the final validation loss, whatever the cadence during training
         metrics.update(trainer.evaluate(Dataset.from_list(val_rows)))
-    final = output_dir / "final"
-    trainer.save_model(str(final))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(final))
-        GenerationConfig(**GENERATION_DEFAULTS).save_pretrained(str(final))
-    metrics.update(
-        global_step=trainer.state.global_step,
-        resumed_from=resume.name if resume else None,
-        world_size=args.world_size,
-        grad_accumulation=args.gradient_accumulation_steps,
-    )
+    save_final(trainer, tokenizer, output_dir)
+    metrics.update(run_metadata(trainer, resume))
     return metrics

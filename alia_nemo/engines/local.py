@@ -116,12 +116,14 @@ def _train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point (module-level so Ray can pickle it by reference)."""
     import ray.train
 
+    from alia_nemo.engines.dpo_training import train_dpo
     from alia_nemo.engines.hf_training import train_sft
 
     if config.get("driver"):
         start_driver_watchdog(config["driver"], Path(config["output_dir"], LOCK_NAME))
     cfg = AliaConfig.model_validate(config["cfg"])
-    metrics = train_sft(
+    train = train_dpo if cfg.stage.kind == "dpo" else train_sft  # CPT trains like SFT: rows of ids and labels
+    metrics = train(
         cfg,
         ResolvedStage(**config["stage"]),
         config["train"],
@@ -192,6 +194,21 @@ def check_fits_in_memory(cfg: AliaConfig, available_bytes: int | None = None) ->
         )
 
 
+# Training metrics the summary reports at the first and the last logged step: summary key -> metrics.jsonl key.
+# The DPO ones are only in a DPO stage's metrics.
+SUMMARY_METRICS = {"loss": "loss", "margin": "rewards/margin", "accuracy": "rewards/accuracy"}
+
+
+def first_and_last(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """``first_<name>`` and ``last_<name>`` of each :data:`SUMMARY_METRICS` logged in ``rows`` (metrics.jsonl)."""
+    found: dict[str, float] = {}
+    for name, key in SUMMARY_METRICS.items():
+        values = [r[key] for r in rows if key in r]
+        if values:
+            found[f"first_{name}"], found[f"last_{name}"] = values[0], values[-1]
+    return found
+
+
 def run_local(cfg: AliaConfig) -> dict[str, Any]:
     """Train ``cfg``'s stage on Ray and return the run summary (also written to ``summary.json``)."""
     import ray
@@ -254,9 +271,7 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
             ray.shutdown()
 
     result = json.loads((out / "train_result.json").read_text())
-    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-    if losses:
-        result["first_loss"], result["last_loss"] = losses[0], losses[-1]
+    result.update(first_and_last(read_metrics(out / "metrics.jsonl")))
     plot = plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.stage.name} / {cfg.model.arch}")
     summary = {
         "output_dir": str(out),

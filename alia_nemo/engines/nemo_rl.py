@@ -1,4 +1,5 @@
-"""``engine=nemo_rl``: compile the stage and run NeMo-RL's SFT entry points (setup + sft_train) on Ray.
+"""``engine=nemo_rl``: compile the stage and run NeMo-RL's entry points on Ray: ``sft.setup`` + ``sft_train`` for
+SFT and CPT stages, ``dpo.setup`` + ``dpo_train`` for DPO stages.
 
 Runs where NeMo-RL is importable (its container image, or the CPU harness in tests). Ray: the cluster at
 ``engine.ray_address`` or ``RAY_ADDRESS``, else a local one (NeMo-RL's ``init_ray``). Our package reaches
@@ -6,10 +7,11 @@ every Ray worker through ``PYTHONPATH``, which NeMo-RL forwards to its workers. 
 ``run.output_dir`` resumes from NeMo-RL's newest checkpoint there (its CheckpointManager finds it).
 
 Around NeMo-RL's loop the driver adds what a run of ours always has: ``metrics.jsonl`` and ``loss.png``
-(from NeMo-RL's own logged metrics), a stop at the first non-finite loss, an exact count of the conversations
-NeMo-RL trained with zero loss because they were too long (counted as the driver consumes batches, so
-dataloader worker processes do not hide them), and ``final/``: the newest checkpoint converted to a Hugging
-Face directory by NeMo-RL's own converter, which is what the next stage of a pipeline starts from.
+(from NeMo-RL's own logged metrics; DPO's preference accuracy and rewards too), a stop at the first non-finite loss,
+a count of the conversations (DPO: pairs) NeMo-RL trained with zero loss because they were too long (counted as the
+driver consumes batches, so dataloader worker processes do not hide them), and ``final/``: the newest checkpoint
+converted to a Hugging Face directory by NeMo-RL's own converter, which is what the next stage of a pipeline starts
+from.
 """
 
 from __future__ import annotations
@@ -29,9 +31,15 @@ from alia_nemo.engines import TrainingError, explain_failure, nonfinite_error
 from alia_nemo.engines.run_dir import run_path
 from alia_nemo.errors import ConfigError
 
-CONFIG_NAME = "nemo_rl_sft.yaml"
+CONFIG_NAME = "nemo_rl_sft.yaml"  # SFT and CPT stages (NeMo-RL's SFT loop)
+DPO_CONFIG_NAME = "nemo_rl_dpo.yaml"
 METRICS = "metrics.jsonl"
 MASKED = "masked_overlong.jsonl"
+
+
+def config_name(config: dict[str, Any]) -> str:
+    """The compiled file's name in a run directory: ``nemo_rl_dpo.yaml`` for a DPO config, else ``nemo_rl_sft.yaml``."""
+    return DPO_CONFIG_NAME if "dpo" in config else CONFIG_NAME
 
 
 def require_nemo_rl() -> None:
@@ -85,6 +93,30 @@ def build_datasets(master_config: Any, tokenizer: Any) -> tuple[Any, Any]:
     return train, val
 
 
+def build_preference_datasets(master_config: Any, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+    """Our preference pairs through NeMo-RL's ``load_preference_dataset`` (dotted path), with our processor.
+
+    As NeMo-RL's ``setup_preference_data`` (upstream run_dpo.py) lays them out: ``data.train`` is the training set,
+    ``data.validation`` (the held-out split, or null) the validation set ``{"default": ...}``; the only difference
+    is the processor, ours (the entry's ``processor``) instead of NeMo-RL's ``preference_preprocessor``.
+    """
+    from nemo_rl.data.datasets import AllTaskProcessedDataset
+    from nemo_rl.data.datasets.preference_datasets import load_preference_dataset
+
+    data = master_config.data
+    options = {k: data[k] for k in ("add_bos", "add_eos", "add_generation_prompt") if k in data}
+
+    def processed(entry: dict[str, Any]) -> Any:
+        raw = load_preference_dataset(dict(entry))
+        raw.set_processor()  # NeMo-RL's preference loader binds none: our class registers and binds its own
+        processors = {raw.task_name: (raw.task_spec, partial(raw.processor, **options))}
+        return AllTaskProcessedDataset(raw.dataset, tokenizer, None, processors,
+                                       max_seq_length=data["max_input_seq_length"])  # fmt: skip
+
+    validation = data.get("validation")
+    return processed(data["train"]), ({"default": processed(validation)} if validation else {})
+
+
 def write_run_config(cfg: AliaConfig, output_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Compile the stage and write it (and our composed config) into the run directory."""
     from alia_nemo.config.to_nemo_rl import header
@@ -92,7 +124,7 @@ def write_run_config(cfg: AliaConfig, output_dir: Path) -> tuple[Path, dict[str,
 
     compiled = compile_stage(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / CONFIG_NAME
+    path = output_dir / config_name(compiled.config)
     text = header(cfg, compiled, "alia-nemo train engine=nemo_rl") + yaml.safe_dump(compiled.config, sort_keys=False)
     path.write_text(text)
     (output_dir / "alia_config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
@@ -102,31 +134,60 @@ def write_run_config(cfg: AliaConfig, output_dir: Path) -> tuple[Path, dict[str,
 class MetricsRecorder:
     """A NeMo-RL logger backend: train and validation losses to ``metrics.jsonl`` (the local engine's format).
 
-    Raises :class:`TrainingError` at the first non-finite training or validation loss, which ends ``sft_train``
-    there (NeMo-RL logs a step after saving its checkpoint).
+    SFT's loop logs ``train`` and ``validation`` (``val_loss``); DPO's logs ``train`` and ``validation-<set>``
+    (``loss``), both with the DPO loss's ``accuracy``, ``rewards_chosen_mean`` and ``rewards_rejected_mean``. Those
+    become ``rewards/accuracy``, ``rewards/chosen``, ``rewards/rejected`` and ``rewards/margin`` (chosen - rejected),
+    ``eval_``-prefixed for the validation set ``default``. NeMo-RL's rewards are the policy-to-reference log-ratios;
+    they are written times ``reward_scale`` (DPO's beta), the implicit reward the local engine (and TRL) log, so
+    ``rewards/margin`` means the same whichever engine trained.
+
+    Raises :class:`TrainingError` at the first non-finite training or validation loss, which ends ``sft_train`` /
+    ``dpo_train`` there (NeMo-RL logs a step after saving its checkpoint).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, reward_scale: float = 1.0) -> None:
         self.path = Path(path)
+        self.reward_scale = reward_scale
+
+    def _rewards(self, metrics: dict[str, Any], tag: str) -> dict[str, float]:
+        if "rewards_chosen_mean" not in metrics:
+            return {}
+        chosen = self.reward_scale * float(metrics["rewards_chosen_mean"])
+        rejected = self.reward_scale * float(metrics["rewards_rejected_mean"])
+        return {
+            f"{tag}rewards/accuracy": float(metrics["accuracy"]),
+            f"{tag}rewards/chosen": chosen,
+            f"{tag}rewards/rejected": rejected,
+            f"{tag}rewards/margin": chosen - rejected,
+        }
 
     def log_metrics(
         self, metrics: dict[str, Any], step: int, prefix: str | None = "", step_metric: Any = None,
         step_finished: bool = False,
     ) -> None:  # fmt: skip
         if prefix == "train" and "loss" in metrics:
+            loss_key = "loss"
             row = {"step": step, "loss": float(metrics["loss"])}
             for ours, theirs in (("grad_norm", "grad_norm"), ("learning_rate", "lr"), ("tokens", "global_valid_toks")):
                 if theirs in metrics:
                     row[ours] = float(metrics[theirs])
+            row.update(self._rewards(metrics, ""))
         elif prefix == "validation" and "val_loss" in metrics:
+            loss_key = "eval_loss"
             row = {"step": step, "eval_loss": float(metrics["val_loss"])}
+        elif prefix and prefix.startswith("validation-") and "loss" in metrics:  # DPO: one prefix per validation set
+            name = prefix.removeprefix("validation-")
+            tag = "eval_" if name == "default" else f"eval_{name}_"
+            loss_key = f"{tag}loss"
+            row = {"step": step, loss_key: float(metrics["loss"]), **self._rewards(metrics, tag)}
         else:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        loss = row.get("loss", row.get("eval_loss"))
+        loss = row[loss_key]
         if not math.isfinite(loss):
-            raise nonfinite_error(self.path.parent, "training loss" if "loss" in row else "validation loss", loss, step)
+            what = "training loss" if loss_key == "loss" else "validation loss"
+            raise nonfinite_error(self.path.parent, what, loss, step)
 
     def log_hyperparams(self, params: Any) -> None:
         pass
@@ -167,8 +228,42 @@ class MaskedRows:
         return getattr(self._loader, name)
 
 
-def masked_report(path: Path) -> dict[str, Any]:
-    """Distinct conversations trained with zero loss, per split, from the run's record."""
+class MaskedPairs:
+    """:class:`MaskedRows` for DPO batches: counts the pairs a consumed batch carries with zero loss weight.
+
+    NeMo-RL's ``preference_collate_fn`` keeps only ``input_ids``, ``input_lengths``, ``token_mask`` and
+    ``sample_mask`` (chosen and rejected interleaved), so a batch does not say which pairs it holds: the count is of
+    pairs as consumed (a pair masked in two epochs counts twice); the processor names each one on stderr.
+    """
+
+    def __init__(self, loader: Any, split: str, path: Path) -> None:
+        self._loader, self._split, self._path = loader, split, Path(path)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self._loader:
+            masked = sum(1 for w in batch["sample_mask"][::2].tolist() if w == 0)
+            if masked:
+                with self._path.open("a") as f:
+                    f.write(json.dumps({"split": self._split, "pairs": masked}) + "\n")
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+def masked_report(path: Path, dpo: bool = False) -> dict[str, Any]:
+    """Distinct conversations trained with zero loss, per split, from the run's record (DPO: pairs, as consumed)."""
+    if dpo:
+        pairs = {"train": 0, "validation": 0}
+        if Path(path).is_file():
+            for line in Path(path).read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    pairs[row["split"]] = pairs.get(row["split"], 0) + row["pairs"]
+        return {split: {"pairs": n} for split, n in pairs.items()}
     seen: dict[str, set[str]] = {"train": set(), "validation": set()}
     if Path(path).is_file():
         for line in Path(path).read_text().splitlines():
@@ -232,16 +327,24 @@ def set_aside_broken_checkpoints(checkpoint_dir: Path, output_dir: Path) -> None
 def train_compiled(
     config: dict[str, Any], output_dir: Path, ray_address: str | None = None, title: str = ""
 ) -> dict[str, Any]:
-    """Run NeMo-RL's SFT loop on a compiled config; return the run's summary (also in ``summary.json``).
+    """Run NeMo-RL's loop on a compiled config; return the run's summary (also in ``summary.json``).
 
     Connects to Ray (:func:`connect_ray`), builds tokenizer and data through NeMo-RL's loaders, calls its
-    ``setup()`` and ``sft_train()``, releases the workers and their GPUs, then writes ``final/`` from the
-    newest checkpoint. A rerun resumes from that checkpoint (NeMo-RL's CheckpointManager).
+    ``setup()`` and ``sft_train()`` (a DPO config: ``nemo_rl.algorithms.dpo``'s ``setup()`` and ``dpo_train()``,
+    whose policy keeps the start model as the frozen reference), releases the workers and their GPUs, then writes
+    ``final/`` from the newest checkpoint. A rerun resumes from that checkpoint (NeMo-RL's CheckpointManager).
     """
     import ray
-    from nemo_rl.algorithms.sft import MasterConfig, setup, sft_train
     from nemo_rl.algorithms.utils import get_tokenizer
     from nemo_rl.utils.logger import get_next_experiment_dir
+
+    dpo = "dpo" in config
+    if dpo:
+        from nemo_rl.algorithms.dpo import MasterConfig, setup
+        from nemo_rl.algorithms.dpo import dpo_train as train_loop
+    else:
+        from nemo_rl.algorithms.sft import MasterConfig, setup
+        from nemo_rl.algorithms.sft import sft_train as train_loop
 
     out = Path(output_dir)
     # NeMo-RL forwards the driver's environment, PYTHONPATH included, to every worker it starts.
@@ -253,21 +356,30 @@ def train_compiled(
     master.logger["log_dir"] = get_next_experiment_dir(master.logger["log_dir"])
     connect_ray(master, ray_address)
     tokenizer = get_tokenizer(master.policy["tokenizer"])
-    train, val = build_datasets(master, tokenizer)
+    if dpo:
+        train, val_sets = build_preference_datasets(master, tokenizer)
+        val = val_sets.get("default")
+    else:
+        train, val = build_datasets(master, tokenizer)
     (policy, cluster, train_loader, val_loader, loss_fn, logger, checkpointer, state, master) = setup(
-        master, tokenizer, train, val
+        master, tokenizer, train, val_sets if dpo else val
     )
     resumed = checkpointer.get_latest_checkpoint_path()
     start = _training_info(resumed)  # now: keep_checkpoints may delete that checkpoint while training goes on
     if resumed:
         print(f"[alia-nemo] resuming from {resumed}: step {start['total_steps']}, "
               f"{start['consumed_samples']} samples consumed", flush=True)  # fmt: skip
-    logger.loggers.append(MetricsRecorder(out / METRICS))
-    train_loader = MaskedRows(train_loader, "train", train.dataset, out / MASKED)
-    if val_loader is not None:
-        val_loader = MaskedRows(val_loader, "validation", val.dataset, out / MASKED)
+    reward_scale = master.dpo.reference_policy_kl_penalty if dpo else 1.0
+    logger.loggers.append(MetricsRecorder(out / METRICS, reward_scale))
+    if dpo:  # DPO's validation loaders are one per set: {"default": loader}
+        train_loader = MaskedPairs(train_loader, "train", out / MASKED)
+        val_loader = {k: MaskedPairs(v, "validation", out / MASKED) for k, v in val_loader.items()}
+    else:
+        train_loader = MaskedRows(train_loader, "train", train.dataset, out / MASKED)
+        if val_loader is not None:
+            val_loader = MaskedRows(val_loader, "validation", val.dataset, out / MASKED)
     try:
-        sft_train(policy, train_loader, val_loader, tokenizer, loss_fn, master, logger, checkpointer, state)
+        train_loop(policy, train_loader, val_loader, tokenizer, loss_fn, master, logger, checkpointer, state)
     except Exception as exc:  # a worker's own error (a full disk while checkpointing), not Ray's wrapper
         cause = explain_failure(exc, out)
         if cause is exc:
@@ -283,21 +395,25 @@ def train_compiled(
         "train_rows": len(train),
         "val_rows": len(val) if val is not None else 0,
         "max_input_seq_length": master.data["max_input_seq_length"],
-        "masked_overlong": masked_report(out / MASKED),
+        "masked_overlong": masked_report(out / MASKED, dpo),
     }
     (out / "data_report.json").write_text(json.dumps(report, indent=2))
     for split, m in report["masked_overlong"].items():
-        if m["conversations"]:
+        if m.get("conversations"):
             print(f"[alia-nemo] {m['conversations']} {split} conversations were longer than "
                   f"max_input_seq_length={report['max_input_seq_length']} and trained with zero loss "
                   f"(ids in {out / 'data_report.json'})", flush=True)  # fmt: skip
+        if m.get("pairs"):
+            print(f"[alia-nemo] {m['pairs']} {split} preference pairs (counted as consumed) were longer than "
+                  f"max_input_seq_length={report['max_input_seq_length']} and trained with zero loss (their ids "
+                  "are in the log, from the processor)", flush=True)  # fmt: skip
     newest = checkpointer.get_latest_checkpoint_path()
-    return _summary(out, master, report, resumed, start, newest, title)
+    return _summary(out, master, report, resumed, start, newest, title, config_name(config))
 
 
 def _summary(
     out: Path, master: Any, report: dict[str, Any], resumed: str | None, start: dict[str, Any], newest: str | None,
-    title: str,
+    title: str, config_file: str = CONFIG_NAME,
 ) -> dict[str, Any]:  # fmt: skip
     """``final/`` written, the loss plotted, and the run's summary (the local engine's shape) saved."""
     from alia_nemo.plots import plot_loss, read_metrics
@@ -318,15 +434,21 @@ def _summary(
         train["first_loss"], train["last_loss"] = losses[0], losses[-1]
     if evals:
         train["eval_loss"] = evals[-1]
+    for key in ("rewards/accuracy", "rewards/margin", "eval_rewards/accuracy", "eval_rewards/margin"):
+        values = [r[key] for r in rows if key in r]  # DPO runs: where the preference went, first and last
+        if values:
+            train[f"first_{key}"], train[f"last_{key}"] = values[0], values[-1]
     summary = {
         "output_dir": str(out),
         "final_model": str(write_final(out)),
         "loss_plot": str(plot_loss(out / METRICS, out / "loss.png", title=title)),
-        "config": str(out / CONFIG_NAME),
+        "config": str(out / config_file),
         "checkpoints": master.checkpointing["checkpoint_dir"],
         "log_dir": master.logger["log_dir"],
         "data": report,
-        "masked_overlong": {split: m["conversations"] for split, m in report["masked_overlong"].items()},
+        "masked_overlong": {
+            split: m.get("conversations", m.get("pairs")) for split, m in report["masked_overlong"].items()
+        },
         "train": train,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

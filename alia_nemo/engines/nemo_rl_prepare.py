@@ -177,13 +177,14 @@ def compile_stage(
     progress: bool = True,
     check_memory: bool = True,
 ) -> Compiled:
-    """Build and validate the NeMo-RL SFT config for ``cfg`` (which must use ``engine=nemo_rl``).
+    """Build and validate the NeMo-RL config for ``cfg`` (which must use ``engine=nemo_rl``): SFT's for SFT and CPT
+    stages, DPO's for a DPO stage (whose start model is also its frozen reference; nothing more to place).
 
     ``prepare`` builds (or finds in the cache) the data so the dataset path and step count are exact; without it
     the step count comes from the counts the config asks for and the dataset path is a placeholder the dataset
     class refuses with instructions. ``materialise`` writes the tiny model's random init (models without
     ``model.pretrained``). ``check_memory`` refuses a Megatron layout the planner estimates to exceed the
-    cluster's GPU memory.
+    cluster's GPU memory (DPO: also the reference model's host copies beyond their share of a node's RAM).
     """
     eng = check_compilable(cfg)
     stage, data_path = prepared_stage(cfg, prepare, progress)

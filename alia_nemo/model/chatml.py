@@ -271,3 +271,75 @@ def overlap_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, 
             j += 1
         mask.append(int(j < len(spans) and spans[j][0] < b and a < spans[j][1]))
     return mask
+
+
+# --- preference pairs (DPO) -------------------------------------------------------------------------------------
+
+
+def check_preference(
+    prompt: Any, chosen: Any, rejected: Any, pair_id: str = "<unnamed>"
+) -> tuple[list[dict[str, str]], str, str]:
+    """A preference pair checked: ``prompt`` a conversation ending with a user turn, two different non-empty answers.
+
+    Returns ``(prompt messages, chosen, rejected)`` with contents read by :func:`content_text`. Raises
+    :class:`ConversationError` naming the problem; its ``reason`` is what a dropped pair is counted under.
+    """
+    messages = checked_messages(prompt, pair_id, require_assistant=False)
+    if messages[-1]["role"] != "user":
+        raise ConversationError(
+            pair_id, f"the prompt ends with a {messages[-1]['role']} turn; it must end with the user turn both "
+            "answers reply to", reason="prompt does not end with a user turn",
+        )  # fmt: skip
+    answers = []
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        text = content_text(answer)
+        if text is None:
+            raise ConversationError(pair_id, f"the {name} answer is not text", reason=CONTENT_NOT_TEXT)
+        if not text.strip():
+            raise ConversationError(pair_id, f"the {name} answer is empty", reason=f"empty {name} answer")
+        if IM_START in text or IM_END in text:
+            raise ConversationError(
+                pair_id, f"the {name} answer contains a ChatML control token", reason="ChatML control token in answer"
+            )
+        answers.append(text)
+    if answers[0] == answers[1]:
+        raise ConversationError(pair_id, "chosen and rejected answers are identical; nothing to prefer",
+                                reason="identical answers")  # fmt: skip
+    return messages, answers[0], answers[1]
+
+
+def preference_segments(prompt: Sequence[Mapping[str, str]], answer: str, bos_token: str = "<s>") -> list[Segment]:
+    """``prompt`` answered by ``answer``: only the answer's content and its ``<|im_end|>`` are trained.
+
+    Assistant turns inside the prompt are context (they are the same for both answers of a pair), so they
+    carry no loss; the sequence ends at the answer's ``<|im_end|>``, as :data:`CHAT_TEMPLATE` renders it.
+    """
+    segments = render_segments([*prompt, {"role": "assistant", "content": answer}], bos_token)
+    return [Segment(s.text, False) for s in segments[:-1]] + [segments[-1]]
+
+
+def tokenize_preferences(
+    tokenizer,
+    pairs: Sequence[tuple[Sequence[Mapping[str, str]], str, str]],
+    ids: Sequence[str] | None = None,
+) -> list[tuple[TokenizedConversation, TokenizedConversation]]:
+    """(chosen, rejected) token ids and masks of checked pairs ``(prompt, chosen, rejected)``, one batched call.
+
+    Each sequence is the ChatML rendering of the prompt plus one answer, tokenised in one piece with one BOS
+    (the template's; ``add_special_tokens=False``); the mask is 1 on the answer's content and ``<|im_end|>`` only.
+    """
+    ids = ids or [f"#{i}" for i in range(len(pairs))]
+    texts, spans = [], []
+    for (prompt, chosen, rejected), pid in zip(pairs, ids):
+        check_preference(prompt, chosen, rejected, pid)
+        for answer in (chosen, rejected):
+            start, parts, trained = 0, [], []
+            for seg in preference_segments(prompt, answer, tokenizer.bos_token):
+                if seg.trained:
+                    trained.append((start, start + len(seg.text)))
+                start += len(seg.text)
+                parts.append(seg.text)
+            texts.append("".join(parts))
+            spans.append(trained)
+    encoded = [TokenizedConversation(i, m) for i, m in _encode_masked(tokenizer, texts, spans)]
+    return [(encoded[2 * k], encoded[2 * k + 1]) for k in range(len(pairs))]

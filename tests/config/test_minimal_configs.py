@@ -49,6 +49,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("conf/stage/cpt_160k.yaml", "kind"): _KIND,
     ("conf/stage/cpt_32k_tiny.yaml", "kind"): _KIND,
     ("conf/stage/cpt_160k_tiny.yaml", "kind"): _KIND,
+    ("conf/stage/dpo_tiny.yaml", "kind"): _KIND,
     ("conf/stage/sft.yaml", "epochs"): "the card's '1 epoch', written with the card's other SFT numbers",
 }
 

@@ -160,4 +160,5 @@ def test_every_shipped_40b_recipe_fits_the_marenostrum5_profile():
         assert est is not None and est["total"] <= est["budget"] == 59.6, recipe
         checked.append((recipe, est["total"]))
     stages = {load_config([f"recipe={r}"]).stage.name for r, _ in checked}
-    assert stages == {"sft", "cpt_32k", "cpt_160k"}  # the card's three stages all have a 40B recipe
+    # the card's three stages, and the preference stage beyond it, all have a 40B recipe
+    assert stages == {"sft", "cpt_32k", "cpt_160k", "dpo"}

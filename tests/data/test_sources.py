@@ -15,7 +15,7 @@ from alia_nemo.data.sources import SOURCES, source_for
 from alia_nemo.errors import ConfigError
 
 PACKAGE = Path(__file__).resolve().parents[2] / "alia_nemo"
-DATA_CLASSES = {"DataConfig", "MixtureConfig", "TextCorpusConfig"}
+DATA_CLASSES = {"DataConfig", "MixtureConfig", "TextCorpusConfig", "PreferenceConfig"}
 
 
 def test_every_data_format_has_one_source_that_feeds_its_stage_kind():
@@ -24,8 +24,9 @@ def test_every_data_format_has_one_source_that_feeds_its_stage_kind():
         "messages_jsonl": "sft",
         "mixture": "sft",
         "text_corpus": "cpt",
+        "preference": "dpo",
     }
-    assert {f for f, s in SOURCES.items() if s.cached} == {"mixture", "text_corpus"}
+    assert {f for f, s in SOURCES.items() if s.cached} == {"mixture", "text_corpus", "preference"}
 
 
 def dispatches_on_data_configs(root: Path) -> list[str]:

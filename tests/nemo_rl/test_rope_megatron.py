@@ -72,7 +72,7 @@ def test_megatron_trains_the_rotary_frequencies_its_config_json_declares(recipe,
     cfg = load_config([f"recipe={recipe}"])
     # CPT stages start from the base model; the 40B SFT from the 160k stage's final/ (its RoPE comes from there);
     # the 2b/7b SFT recipes from their base models (no scaling).
-    stage = "cpt_160k" if cfg.stage.kind == "sft" and cfg.model.arch == "alia_40b" else None
+    stage = "cpt_160k" if cfg.stage.kind in ("sft", "dpo") and cfg.model.arch == "alia_40b" else None
     start = _model_dir(tmp_path / "start", cfg.model.arch, stage)
     cfg = load_config([f"recipe={recipe}", f"run.output_dir={tmp_path / 'run'}", f"model.pretrained={start}"])
     config = _nemo_rl_config(compile_stage(cfg, prepare=False))
