@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -14,7 +16,8 @@ from alia_nemo.errors import AliaError, ConfigError, describe_os_error
 
 OVERRIDES_HELP = (
     "Hydra overrides: key=value changes a key (stage.lr=2e-5), group=option picks a config group option "
-    "(model=alia_40b, stage=sft), recipe=NAME starts from recipes/NAME.yaml, +key=value adds a key, ~key deletes one."
+    "(model=alia_40b, stage=sft), recipe=NAME starts from recipes/NAME.yaml (recipe=PATH.yaml from a recipe file "
+    "anywhere, e.g. a `recipes copy`), +key=value adds a key, ~key deletes one."
 )
 EXAMPLES = """examples:
   alia-nemo train                                   # tiny ALIA on the bundled sample, CPU, in-process Ray
@@ -22,6 +25,8 @@ EXAMPLES = """examples:
   alia-nemo show model=alia_40b stage=sft
   alia-nemo model-info model=alia_40b
   alia-nemo show recipe=sft-alia-tiny-1n0g-dp2
+  alia-nemo recipes                                 # every recipe and pipeline: purpose, stage, model, GPUs
+  alia-nemo recipes copy sft-alia-tiny-1n0g-dp2 my/recipe.yaml && alia-nemo validate recipe=my/recipe.yaml
   alia-nemo compile recipe=sft-alia-40b-16n4g-megatron-tp4pp4cp4-actckpt --out sft40b.yaml
   alia-nemo pipeline recipe=alia-tiny-instruct       # CPT -> CPT -> SFT -> export -> eval on CPU
 """
@@ -37,6 +42,35 @@ def _cmd_show(args: argparse.Namespace) -> int:
     cfg = load_config(args.overrides)
     print(to_yaml(cfg), end="")
     print(describe(cfg, resolve(cfg)), end="")
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from alia_nemo import recipes
+
+    if args.overrides:
+        raise ConfigError(f"recipes takes no overrides ({' '.join(args.overrides)}); see `alia-nemo recipes --help`")
+    if args.action == "copy":
+        kind, out = recipes.copy_recipe(args.name, args.path, force=args.force)
+        run = "pipeline" if kind == "pipeline" else "validate"
+        print(f"[alia-nemo] copied {kind} {args.name} to {out}; edit it, then: alia-nemo {run} recipe={out}")
+        return 0
+    cat = recipes.catalogue()
+    if args.json:
+        print(json.dumps(cat, indent=2))
+    else:
+        print(recipes.catalogue_text(cat, width=max(80, shutil.get_terminal_size((120, 24)).columns)), end="")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from alia_nemo import recipes
+
+    summary = recipes.validate(args.overrides, check_memory=not args.skip_memory_check)
+    if args.json:
+        recipes.print_validation_json(summary)
+    else:
+        recipes.print_validation(summary)
     return 0
 
 
@@ -76,9 +110,16 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         else:
             source.print_plan(plan)
         return 0
-    from alia_nemo.model.tokenizer import load_tokenizer
+    from alia_nemo.model.tokenizer import TokenizerError, load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer, allow_download=cfg.model.allow_download)
+    try:
+        tokenizer = load_tokenizer(cfg.model.tokenizer, allow_download=cfg.model.allow_download)
+    except TokenizerError as exc:  # prepare tokenises, so it needs it; --dry-run and fetch are the ways around
+        same = shlex.join(args.overrides)
+        raise AliaError(
+            f"{exc}\nOn a node with network (same HF_HOME), `alia-nemo fetch {same}` caches it; "
+            f"`alia-nemo prepare --dry-run {same}` shows the plan without it."
+        ) from exc
     out = source.prepare(cfg, stage, tokenizer)
     manifest = read_manifest(out)
     if args.json:
@@ -168,10 +209,21 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     from alia_nemo.config.compose import load_config
     from alia_nemo.config.to_nemo_rl import header
+    from alia_nemo.data.reader import DataError
     from alia_nemo.engines.nemo_rl_prepare import compile_stage
+    from alia_nemo.model.tokenizer import TokenizerError
 
     cfg = load_config(args.overrides)
-    compiled = compile_stage(cfg, prepare=not args.no_prepare, check_memory=not args.skip_memory_check)
+    try:
+        compiled = compile_stage(cfg, prepare=not args.no_prepare, check_memory=not args.skip_memory_check)
+    except (TokenizerError, DataError) as exc:  # preparing needs the tokenizer and the data: offline nodes lack them
+        if args.no_prepare:
+            raise
+        again = shlex.join(["alia-nemo", "compile", *args.overrides, "--out", args.out, "--no-prepare"])
+        raise AliaError(
+            f"{exc}\nTo compile without preparing the data (no tokenizer or data read: steps from the requested "
+            f"counts, a placeholder dataset path; prepare and compile again where they are), add --no-prepare: {again}"
+        ) from exc
     command = "alia-nemo compile " + " ".join(args.overrides)
     text = header(cfg, compiled, command.strip()) + yaml.safe_dump(compiled.config, sort_keys=False, width=120)
     out = Path(args.out)
@@ -253,9 +305,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from alia_nemo.eval import harness
 
         argv = harness.command(Path(args.out), args.model, args.endpoint, args.served_model,
-                               args.languages.split(",") if args.languages else None, args.limit)  # fmt: skip
+                               args.languages.split(",") if args.languages else None, args.limit,
+                               tasks=args.tasks.split(",") if args.tasks else None, include_path=args.include_path,
+                               device=args.device, batch_size=args.batch_size, dtype=args.dtype)  # fmt: skip
         print("[alia-nemo] " + " ".join(argv), flush=True)
-        return 0 if args.dry_run else harness.run(argv)
+        if args.dry_run:
+            return 0
+        rc = harness.run(argv)
+        found = harness.results_files(Path(args.out))
+        if rc == 0 and found:
+            print(f"[alia-nemo] results {found[-1]}")
+        return rc
     if args.kind == "judge":
         from alia_nemo.eval import judge
 
@@ -278,23 +338,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.timeout <= 0 or args.retries < 0:
         raise ConfigError(f"--timeout {args.timeout:g} / --retries {args.retries}: need > 0 seconds and >= 0 retries")
     args.max_new_tokens = 64 if args.max_new_tokens is None else args.max_new_tokens  # niah's default
-    lengths, depths = niah.parse_grid(args.lengths, args.depths)
+    # Checked before anything is asked of a server; without --lengths the grid waits for the model's context.
+    lengths, depths = niah.parse_grid(args.lengths or ",".join(map(str, niah.CARD_LENGTHS)), args.depths)
     haystack = Path(args.haystack).read_text(encoding="utf-8") if args.haystack else niah.default_haystack()
     name = args.model or args.served_model
+    # Endpoints first (their URLs are checked), then the context and the trials on disk, then the slow part: loading
+    # a model.
+    endpoint = (niah.OpenAIBackend(args.endpoint, args.served_model, max_tokens=args.max_new_tokens,
+                                   timeout=args.timeout, retries=args.retries) if args.endpoint else None)  # fmt: skip
+    judge = (niah.OpenAIBackend(args.judge_endpoint, args.judge_model, max_tokens=512, timeout=args.timeout,
+                                retries=args.retries) if args.judge_endpoint else None)  # fmt: skip
+    context = niah.find_context(args.model, endpoint, args.tokenizer)
+    if args.lengths is None:  # the default grid follows the model: nothing longer than it can read
+        lengths = niah.default_lengths(context.tokens)
+    for line in niah.grid_lines(lengths, depths, context, explicit=args.lengths is not None):
+        print(f"[alia-nemo] {line}", flush=True)
+    past = niah.beyond(lengths, context.tokens)
+    if past:
+        print(f"[alia-nemo] warning: --lengths beyond the model's context of {context.tokens:,} tokens "
+              f"({context.source}): {', '.join(f'{n:,}' for n in past)}; a model can not be expected to find the "
+              "needle there, and those cells are marked \"beyond context\" in niah.json and niah.png",
+              file=sys.stderr, flush=True)  # fmt: skip
     # Everything that changes a trial's result: a rerun with other values into the same --out is refused.
     settings = {"model": name, "tokenizer": args.tokenizer or args.model, "temperature": args.temperature,
                 "max_new_tokens": args.max_new_tokens, "lengths": lengths, "depths": depths,
                 "haystack": niah.settings_digest(haystack),
                 "judge": args.judge_model if args.judge_endpoint else None}  # fmt: skip
-    # Endpoints first (their URLs are checked), then the trials on disk, then the slow part: loading a model.
-    endpoint = (niah.OpenAIBackend(args.endpoint, args.served_model, max_tokens=args.max_new_tokens,
-                                   timeout=args.timeout, retries=args.retries) if args.endpoint else None)  # fmt: skip
-    judge = (niah.OpenAIBackend(args.judge_endpoint, args.judge_model, max_tokens=512, timeout=args.timeout,
-                                retries=args.retries) if args.judge_endpoint else None)  # fmt: skip
     store = niah.TrialStore(Path(args.out), settings)
     if store.trials:
         print(f"[alia-nemo] niah: {len(store.trials)} of {len(lengths) * len(depths)} trials already done in "
               f"{store.path}; running the rest", flush=True)  # fmt: skip
+    pending = [n for n in lengths for d in depths if (n, d) not in store.trials]
     from transformers import AutoTokenizer
 
     if endpoint is None:
@@ -303,20 +377,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         backend, tokenizer = endpoint, AutoTokenizer.from_pretrained(args.tokenizer)
 
-    def show(t) -> None:
-        print(f"[alia-nemo] niah {t.length:>7,} tokens depth {t.depth:>5g}%: score {t.score:.2f} {t.response[:60]!r}",
-              flush=True)  # fmt: skip
+    def chat(msgs: list[dict[str, str]]) -> str:
+        return backend.chat(msgs, args.temperature)
 
-    trials = niah.run(lambda m: backend.chat(m, args.temperature), tokenizer, haystack, lengths, depths, judge, show,
-                      store)  # fmt: skip
+    if pending:  # a local model is timed on short prompts; an endpoint gets no requests beyond the grid's
+        points = niah.probe(chat, tokenizer, haystack, context.tokens) if endpoint is None else []
+        print(f"[alia-nemo] {niah.estimate_line(pending, points, judged=judge is not None)}", flush=True)
+        print(f"[alia-nemo] niah: Ctrl-C stops; finished trials stay in {store.path} and the same command continues",
+              flush=True)  # fmt: skip
+    else:
+        points = []
+    progress = niah.GridProgress(pending, len(lengths) * len(depths), points, context.tokens)
+    try:
+        trials = niah.run(chat, tokenizer, haystack, lengths, depths, judge, progress, store)
+    finally:  # the bar ends before an error is printed under it
+        progress.close()
     files = niah.write_results(trials, Path(args.out), {"model": name, "temperature": args.temperature,
-                                                         "judge": args.judge_model if judge else None})  # fmt: skip
+                                                         "judge": args.judge_model if judge else None,
+                                                         "context": context.tokens,
+                                                         "context_source": context.source})  # fmt: skip
     print(f"[alia-nemo] results {files['json']}, heat map {files['png']}")
     return 0
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from alia_nemo.launch.pipeline import Pipeline, load_pipeline
+    from alia_nemo.launch.pipeline import Pipeline, load_pipeline, summary_lines
 
     name, run_dir = None, None
     for o in args.overrides:
@@ -335,14 +420,19 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         f"[alia-nemo] pipeline {name} done in {pipe.run_dir}: "
         + ", ".join(f"{k} {v['status']}" for k, v in state.items())
     )
+    for line in summary_lines(pipe):  # where the models, the export and the scores are, the NIAH picture last
+        print(f"[alia-nemo]   {line}")
     return 0
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from alia_nemo.config.compose import load_config
+    from alia_nemo.console import quiet_libraries
     from alia_nemo.model.architectures import parameter_report
 
-    report = parameter_report(load_config(args.overrides).model.arch)
+    cfg = load_config(args.overrides)
+    with quiet_libraries():  # megatron-core's import-time warnings (no Transformer Engine / Apex): --verbose shows them
+        report = parameter_report(cfg.model.arch)
     print(json.dumps(report, indent=2))
     return 0 if report["agree"] else 1
 
@@ -354,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from alia_nemo.about import VersionAction
+
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
@@ -368,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("overrides", nargs="*", metavar="OVERRIDE", help=OVERRIDES_HELP)
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+        p.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show everything Ray and the libraries print (a run keeps it all in its logs/console.log)",
+        )
         p.set_defaults(fn=fn)
         return p
 
@@ -386,6 +484,41 @@ def build_parser() -> argparse.ArgumentParser:
         "Compose and validate the configuration and print it, fully resolved, as YAML.",
     )
     show.add_argument("--list-recipes", action="store_true", help="list the recipes recipe=NAME accepts")
+    check = add(
+        "validate",
+        "check a configuration as a run would, without running or writing anything",
+        _cmd_validate,
+        "Compose, validate and resolve the configuration and, for engine=nemo_rl, compile it in memory (no data "
+        "prepared or tokenizer read: steps from the requested counts; layout and memory checked). Prints a short "
+        "summary and exits 0, or prints the problems (each bad key named) and exits 2. Writes nothing.",
+    )
+    check.add_argument("--json", action="store_true", help="machine-readable summary")
+    check.add_argument("--skip-memory-check", action="store_true", help="accept a layout the planner says is OOM")
+    rec = sub.add_parser(
+        "recipes",
+        help="list every recipe and pipeline (purpose, stage, model, nodes x GPUs, tested on), or copy one to edit",
+        description="Without an action: a table of every recipe (recipes/, recipe=NAME) and pipeline "
+        "(conf/pipeline/, `alia-nemo pipeline recipe=NAME`) from their headers and composed configs. "
+        "`copy NAME PATH` writes a recipe or pipeline to PATH for editing; run it as recipe=PATH.",
+        epilog="examples:\n  alia-nemo recipes\n  alia-nemo recipes --json\n"
+        "  alia-nemo recipes copy sft-alia-tiny-1n0g-dp2 my/recipe.yaml\n  alia-nemo validate recipe=my/recipe.yaml "
+        "stage.lr=2e-5\n  alia-nemo train recipe=my/recipe.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rec.add_argument("--json", action="store_true", help="machine-readable output")
+    rec.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    rec.set_defaults(fn=_cmd_recipes, overrides=[], action=None)
+    rec_actions = rec.add_subparsers(dest="action", metavar="ACTION")
+    rec_copy = rec_actions.add_parser(
+        "copy",
+        help="copy a recipe or pipeline to PATH to edit it (recipe=PATH then runs it)",
+        description="Copy the recipe or pipeline NAME to PATH (a file, or a directory to keep its name; .yaml is added "
+        "when PATH has no suffix). Parent directories are created; an existing file is kept unless --force.",
+    )
+    rec_copy.add_argument("name", metavar="NAME", help="a recipe or pipeline name (see `alia-nemo recipes`)")
+    rec_copy.add_argument("path", metavar="PATH", help="where to write the copy")
+    rec_copy.add_argument("--force", action="store_true", help="replace an existing file at PATH")
+    rec_copy.add_argument("--debug", action="store_true", help="show the traceback of an error")
     planner = add(
         "plan",
         "rank parallel layouts of a stage on a GPU cluster by estimated memory and step time",
@@ -474,7 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the card's evaluations: needle in a haystack (niah), benchmark task lists (harness), LLM judge (judge)",
         description="niah: the card's needle-in-a-haystack test (needle, system prompt and question as on the card) "
         "over a grid of context lengths and depths, against an export (--model) or an OpenAI-compatible endpoint; "
-        "JSON results and a heat map. harness: the card's 0-shot task lists through lm-evaluation-harness. "
+        "JSON results and a heat map. The default grid fits the model's context (see --lengths); the grid and a time "
+        "estimate (from timed short chats) are printed before the first trial, then progress per trial. "
+        "harness: the card's 0-shot task lists through lm-evaluation-harness. "
         "judge: the card's LLM-as-a-judge tasks (conf/eval/judge/*.yaml): N sampled instances per language in three "
         "prompt styles, answered by the model and graded by Prometheus-2 per criterion; mean scores, robustness "
         "(variance across styles), judge.json and judge.png; resumable from OUT/judge_results.jsonl.",
@@ -485,7 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--served-model", help="model name at the endpoint")
     ev.add_argument("--tokenizer", help="niah with --endpoint: tokenizer to size haystacks")
     ev.add_argument("--out", required=True, help="output directory")
-    ev.add_argument("--lengths", default="4096,16384,32768,65536,131072,163840", help="niah: prompt lengths, tokens")
+    ev.add_argument("--lengths", help="niah: prompt lengths, tokens. Default: follows the model's context (config.json "
+                    "max_position_embeddings of --model or --tokenizer, or the endpoint's max_model_len): the card's "
+                    "4096,16384,32768,65536,131072,163840 that fit it plus the context itself, and a quarter and a "
+                    "half of it when that is under three lengths (1,024 -> 256,512,1024; 4,096 -> 1024,2048,4096); "
+                    "unknown context: the card's. Longer lengths only when given here, with a warning, and marked "
+                    "beyond context in niah.json and niah.png")  # fmt: skip
     ev.add_argument("--depths", default="0,10,25,50,75,90,100", help="niah: needle depths, percent")
     ev.add_argument("--temperature", type=float, default=0.0, help="niah: 0 (greedy) to 0.2, as the card advises")
     ev.add_argument("--max-new-tokens", type=int, default=None, help="niah: default 64; judge: default 1024")
@@ -508,6 +648,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--languages", help="harness: comma list of es,ca,eu,gl,en (default all); judge: languages of "
                     "the task (default those with prompt styles filled in)")  # fmt: skip
     ev.add_argument("--limit", type=int, help="harness: examples per task (smoke runs)")
+    ev.add_argument("--tasks", help="harness: comma list of lm-eval task or group names to run instead of the card's "
+                    "lists (e.g. a group of --include-path)")  # fmt: skip
+    ev.add_argument("--include-path", metavar="DIR", help="harness: folder of extra lm-eval task YAMLs")
+    ev.add_argument("--device", help="harness with --model: torch device, e.g. cpu or cuda:0 (default lm-eval's)")
+    ev.add_argument("--batch-size", help="harness: lm-eval batch size, a count, auto or auto:N (default 1)")
+    ev.add_argument("--dtype", choices=["bfloat16", "float16", "float32", "auto"],
+                    help="harness with --model: weights' dtype (default bfloat16; float32 for exact CPU)")  # fmt: skip
     ev.add_argument("--dry-run", action="store_true", help="harness: print the lm_eval command only")
     ev.add_argument("--debug", action="store_true", help="show the traceback of an error")
     ev.set_defaults(fn=_cmd_eval, overrides=[])
@@ -549,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(flags)}")
     args.overrides = list(getattr(args, "overrides", [])) + [r for r in rest if r not in flags]
     debug = args.debug or os.environ.get("ALIA_NEMO_DEBUG") == "1"
+    from alia_nemo.console import set_verbose
+
+    set_verbose(getattr(args, "verbose", False))
     try:
         return args.fn(args)
     except AliaError as exc:

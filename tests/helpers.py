@@ -135,3 +135,29 @@ class ChatServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def plotted_curves(metrics: Path, png: Path) -> dict[str, list[tuple[float, float]]]:
+    """The curves :func:`alia_nemo.plots.plot_loss` draws from ``metrics``, read off its figure: label -> points.
+
+    The figure is kept open (``pyplot.close`` stubbed while plotting) so the test sees what ``loss.png`` shows.
+    """
+    from unittest import mock
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from alia_nemo.plots import plot_loss
+
+    with mock.patch.object(plt, "close") as close:
+        plot_loss(metrics, png)
+    fig = close.call_args.args[0]
+    curves = {
+        str(line.get_label()): [(float(x), float(y)) for x, y in zip(line.get_xdata(), line.get_ydata())]
+        for ax in fig.axes
+        for line in ax.get_lines()
+    }
+    plt.close(fig)
+    return curves

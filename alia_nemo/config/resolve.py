@@ -1,9 +1,9 @@
 """One resolution of a validated config (plus its prepared data's manifest) into every number a stage derives.
 
 World and data-parallel size, global batch (a CPT stage's from its token targets), gradient accumulation,
-longest sequence kept, training and validation rows, steps, tokens per step and per run, the starting model
-and the RoPE keys the stage writes into it. ``show``, ``plan``, ``prepare``, ``compile``, both engines and the
-pipeline read a :class:`ResolvedStage`; none of them recomputes these, so they can not disagree.
+longest sequence kept, training and validation rows, steps, tokens per step and per run, the validation period,
+the starting model and the RoPE keys the stage writes into it. ``show``, ``plan``, ``prepare``, ``compile``, both
+engines and the pipeline read a :class:`ResolvedStage`; none of them recomputes these, so they can not disagree.
 
 It is pure: it reads the config and, when given, the manifest of the prepared data (or the local engine's
 data report); it reads no file and writes nothing.
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from alia_nemo.config.planner import data_parallel_size, sequence_divisor
-from alia_nemo.config.schema import AliaConfig
+from alia_nemo.config.schema import AUTO_VALIDATIONS, AliaConfig
 from alia_nemo.errors import ConfigError
 from alia_nemo.model.architectures import get_spec
 
@@ -47,6 +47,9 @@ class ResolvedStage:
     start_model: str  # model.pretrained, or "random init (<arch>)"
     hf_overrides: dict[str, Any] = field(default_factory=dict)  # RoPE keys the stage sets on its starting model
     cpt: dict[str, Any] | None = None  # how a CPT global batch and step count came from the token targets
+    # Validation every this many steps, and at the end (0: only at the end, or no validation rows; None: auto, with
+    # the steps unknown until the data is read). Both engines read it: the Trainer's eval_steps, NeMo-RL's val_period.
+    eval_every: int | None = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +68,19 @@ class ResolvedStage:
 def validation_count(rows: int, fraction: float) -> int:
     """Validation rows held out of ``rows`` at ``fraction``: ceil, so any positive fraction holds out one."""
     return math.ceil(rows * fraction) if fraction > 0 and rows > 0 else 0
+
+
+def eval_period(setting: int | str | None, steps: int | None, val_rows: int) -> int | None:
+    """Steps between validations for ``run.eval_every`` (0: none before the end; None: auto with steps unknown).
+
+    ``auto`` spreads about :data:`AUTO_VALIDATIONS` validations over the run, so a 4-step run validates every step and
+    the default job's 204 steps every 21: a curve at every scale, without a number per stage or recipe.
+    """
+    if not val_rows or setting is None:
+        return 0
+    if setting != "auto":
+        return int(setting)
+    return max(1, math.ceil(steps / AUTO_VALIDATIONS)) if steps is not None else None
 
 
 def steps_for_tokens(tokens: int, global_batch: int, seq_length: int) -> int:
@@ -179,6 +195,7 @@ def resolve(cfg: AliaConfig, manifest: dict[str, Any] | None = None) -> Resolved
         start_model=cfg.model.pretrained or f"random init ({cfg.model.arch})",
         hf_overrides=_rope_overrides(cfg),
         cpt=cpt,
+        eval_every=eval_period(cfg.run.eval_every, steps, counts.val),
     )
 
 
@@ -208,8 +225,29 @@ def describe(cfg: AliaConfig, r: ResolvedStage) -> str:
             + (f" = ceil({budget:,} budget / {r.tokens_per_step:,})" if budget and r.steps == r.cpt["budget_steps"]
                else f" ({r.steps_per_epoch:,} per epoch x {cfg.stage.epochs})" if r.steps_per_epoch else "")
         )  # fmt: skip
-        lines.append(f"tokens trained {r.tokens:,}")
+        lines.append(f"tokens trained {r.tokens or 0:,}")
+        if not r.steps:  # the data fills no global batch: say so here, train and compile refuse it
+            lines.append(f"NOT TRAINABLE: {r.train_rows:,} {r.unit} do not fill one global batch of "
+                         f"{r.global_batch_size}; lower stage.global_batch_size or use more data")  # fmt: skip
     else:
         lines.append("steps: unknown until the data is read (plain JSONL), or unbounded (no budget, no max_steps)")
     lines.append(f"start model {r.start_model}")
+    lines.append(_validation_line(cfg, r))
     return "# derived:\n" + "".join(f"#   {line}\n" for line in lines)
+
+
+def _validation_line(cfg: AliaConfig, r: ResolvedStage) -> str:
+    """How often the stage validates, and why (``run.eval_every`` as set, or what ``auto`` made of the steps)."""
+    setting = cfg.run.eval_every
+    if not r.val_rows:
+        return "validation: none (no validation rows)"
+    if r.eval_every is None:
+        return (
+            f"validation about {AUTO_VALIDATIONS} times per run (run.eval_every=auto; steps unknown until data is read)"
+        )
+    if not r.eval_every:
+        return "validation at the end only (run.eval_every=null)"
+    points = -(-(r.steps or 0) // r.eval_every)  # the last periodic one and the final one coincide on a multiple
+    why = f"auto: about {AUTO_VALIDATIONS} per run" if setting == "auto" else "set"
+    every = "step" if r.eval_every == 1 else f"{r.eval_every:,} steps"
+    return f"validation every {every} and at the end: {points:,} points (run.eval_every {why})"

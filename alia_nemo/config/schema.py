@@ -7,7 +7,8 @@ work starts, with a message that names the dotted key.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -423,6 +424,10 @@ class ClusterConfig(_Section):
     )
 
 
+# Validations per run that run.eval_every=auto aims at: enough points for a curve, few enough to cost little.
+AUTO_VALIDATIONS = 10
+
+
 class RunConfig(_Section):
     output_dir: str = Field(description="the run's own directory (created; locked while training)")
     seed: int = 42
@@ -430,11 +435,28 @@ class RunConfig(_Section):
     keep_checkpoints: int | None = Field(3, gt=0, description="newest checkpoints kept (null: all)")
     log_every: int = Field(1, gt=0, description="metrics (JSONL, TensorBoard) every N optimizer steps")
     print_every: int = Field(20, gt=0, description="a progress line on the console every N optimizer steps")
-    eval_every: int | None = Field(None, gt=0, description="validation every N steps (and at the end)")
+    # "auto" so that every stage draws a validation curve (several points, not one at the end) without each stage
+    # or recipe choosing a number; config.resolve turns it into steps (ResolvedStage.eval_every).
+    eval_every: Annotated[int, Field(gt=0)] | Literal["auto"] | None = Field(
+        "auto",
+        description=f"validation every N steps and at the end (auto: about {AUTO_VALIDATIONS} times per run, from the "
+        "resolved steps; null: only at the end)",
+    )
     resume: bool | Literal["force"] = Field(
         True,
         description="continue from the newest checkpoint in output_dir (force: even under a changed configuration)",
     )
+
+    @field_validator("eval_every", mode="before")
+    @classmethod
+    def _eval_period(cls, v: Any) -> Any:
+        # Before the union's own checks, which would report one failure per member (int, 'auto') instead of one line.
+        if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError(
+            f"takes a number of steps (> 0), auto (about {AUTO_VALIDATIONS} validations per run) or null (only at the "
+            "end)"
+        )
 
     @field_validator("output_dir")
     @classmethod
@@ -493,3 +515,46 @@ def validate_config(data: dict[str, Any]) -> AliaConfig:
     except ValidationError as exc:
         lines = [_describe(e) for e in exc.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def _variants(annotation: Any, value: Any) -> list[Any]:
+    """The types ``annotation`` allows for ``value``: Annotated and Optional unwrapped, a union's members, and of a
+    discriminated union only the members whose literal tags (``data.format``, ``engine.name``) ``value`` matches."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _variants(get_args(annotation)[0], value)
+    if origin in (Union, UnionType):
+        members = [v for arg in get_args(annotation) if arg is not type(None) for v in _variants(arg, value)]
+        if isinstance(value, dict):
+            tagged = [m for m in members if _tags_match(m, value)]
+            return tagged or members
+        return members
+    return [annotation]
+
+
+def _tags_match(member: Any, value: dict[str, Any]) -> bool:
+    if not (isinstance(member, type) and issubclass(member, BaseModel)):
+        return False
+    for name, info in member.model_fields.items():
+        if get_origin(info.annotation) is Literal and name in value and value[name] not in get_args(info.annotation):
+            return False
+    return True
+
+
+def schema_knows(dotted: str, data: dict[str, Any]) -> bool:
+    """Whether the schema has the key ``dotted`` in a configuration composed as ``data`` (which picks the variant of
+    ``data`` and ``engine``); how ``~key`` tells "not in any YAML, its default applies" from a misspelt key."""
+    candidates: list[Any] = [AliaConfig]
+    value: Any = data
+    for part in dotted.split("."):
+        following: list[Any] = []
+        for node in (v for c in candidates for v in _variants(c, value)):
+            if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+                following.append(node.model_fields[part].annotation)
+            elif get_origin(node) is dict:  # a mapping's keys are names the config chooses (datasets, sources)
+                following.append(get_args(node)[1])
+        if not following:
+            return False
+        candidates = following
+        value = value.get(part) if isinstance(value, dict) else None
+    return True

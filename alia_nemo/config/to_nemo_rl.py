@@ -279,7 +279,7 @@ def _loop(cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any]:
     return {
         "max_num_epochs": cfg.stage.epochs,
         "max_num_steps": stage.steps,
-        "val_period": (cfg.run.eval_every or 0) if has_val else 0,
+        "val_period": stage.eval_every or 0,  # run.eval_every as resolved (0 without validation rows)
         "val_batches": eng.val_batches,
         "val_global_batch_size": eng.val_global_batch_size or stage.global_batch_size,
         "val_micro_batch_size": eng.val_micro_batch_size,

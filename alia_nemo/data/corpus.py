@@ -52,12 +52,27 @@ class SourceStats:
     dropped: Counter = field(default_factory=Counter)
 
 
+def _matches(pattern: str) -> list[str]:
+    """The files a ``files`` entry names: a glob pattern's matches (sorted), or the path itself when it is a file."""
+    matched = sorted(glob.glob(str(Path(pattern).expanduser()))) if any(c in pattern for c in "*?[") else [pattern]
+    return [f for f in matched if Path(f).is_file()]
+
+
+def missing_patterns(corpus: TextCorpusConfig) -> dict[str, list[str]]:
+    """Per local source, the ``files`` entries that match no file (what ``prepare --dry-run`` marks MISSING)."""
+    missing = {}
+    for name, source in corpus.sources.items():
+        absent = [pattern for pattern in source.files or [] if not _matches(pattern)]
+        if absent:
+            missing[name] = absent
+    return missing
+
+
 def expand_files(name: str, patterns: list[str]) -> list[str]:
     """Glob patterns to sorted files; a pattern that matches nothing is an error, not an empty source."""
     files: list[str] = []
     for pattern in patterns:
-        matched = sorted(glob.glob(str(Path(pattern).expanduser()))) if any(c in pattern for c in "*?[") else [pattern]
-        matched = [f for f in matched if Path(f).is_file()]
+        matched = _matches(pattern)
         if not matched:
             raise CorpusError(f"corpus source {name!r}: {pattern!r} matches no file; fix data.sources.{name}.files")
         files += matched

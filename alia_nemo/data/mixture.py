@@ -120,6 +120,8 @@ def plan(mix: MixtureConfig) -> dict[str, Any]:
         "on_shortfall": mix.on_shortfall,
         "val_fraction": mix.val_fraction,
         "prepared_root": mix.prepared_root,
+        "internal_dir": mix.internal_dir,  # where the MISSING internal sets were looked for (the legend names it)
+        "allow_missing_internal": mix.allow_missing_internal,
     }
 
 

@@ -127,6 +127,8 @@ def plan(cfg: PreferenceConfig) -> dict[str, Any]:
         "on_shortfall": cfg.on_shortfall,
         "val_fraction": cfg.val_fraction,
         "prepared_root": cfg.prepared_root,
+        "internal_dir": cfg.internal_dir,  # where the MISSING internal sets were looked for (the legend names it)
+        "allow_missing_internal": cfg.allow_missing_internal,
     }
 
 
@@ -614,19 +616,20 @@ def print_preference_plan(p: dict[str, Any]) -> None:
     from rich.table import Table
 
     from alia_nemo.config.schema import LANGUAGES
-    from alia_nemo.data.report import console
+    from alia_nemo.data.report import console, origin_text, plan_label, print_plan_legend
 
     langs = list(LANGUAGES)
     table = Table(title=f"preference set {p['name']}: {p['total']:,} training + {p['val_total']:,} validation pairs "
                   "(dry run, nothing read)")  # fmt: skip
     for col in ("dataset", *langs, "total", "licence"):
         table.add_column(col, justify="left" if col in ("dataset", "licence") else "right")
+    table.add_column("from", overflow="fold")
     for name, d in p["datasets"].items():
-        note = " (excluded)" if d["excluded_by_licence"] else (" (MISSING)" if d["missing_files"] else "")
-        table.add_row(name + note, *[f"{d['counts'][lang]:,}" if lang in d["counts"] else "" for lang in langs],
-                      f"{d['total']:,}", d["licence"])  # fmt: skip
-    table.add_row("total", *[f"{p['languages'].get(lang, 0):,}" for lang in langs], f"{p['total']:,}", "")
+        table.add_row(plan_label(name, d), *[f"{d['counts'][lang]:,}" if lang in d["counts"] else "" for lang in langs],
+                      f"{d['total']:,}", d["licence"], origin_text(d["origin"], d["missing_files"]))  # fmt: skip
+    table.add_row("total", *[f"{p['languages'].get(lang, 0):,}" for lang in langs], f"{p['total']:,}", "", "")
     console().print(table)
+    print_plan_legend(p, "pairs")
 
 
 def print_preference_manifest(m: dict[str, Any]) -> None:

@@ -179,7 +179,7 @@ class TextCorpus(DataSource):
         return stage.train_tokens
 
     def plan(self, cfg: AliaConfig, stage: ResolvedStage) -> dict[str, Any]:
-        from alia_nemo.data.corpus import quotas
+        from alia_nemo.data.corpus import missing_patterns, quotas
 
         tokens = self._tokens(cfg, stage)
         corpus = cfg.data
@@ -190,6 +190,7 @@ class TextCorpus(DataSource):
             "val_windows": corpus.val_windows,  # type: ignore[union-attr]
             "quotas": quotas(corpus, tokens + corpus.val_windows * stage.seq_length),  # type: ignore[arg-type, union-attr]
             "sources": {n: s.model_dump(mode="json") for n, s in corpus.sources.items()},  # type: ignore[union-attr]
+            "missing_files": missing_patterns(corpus),  # type: ignore[arg-type]
         }
 
     def prepare(self, cfg: AliaConfig, stage: ResolvedStage, tokenizer, progress: bool = True) -> Path:
@@ -221,6 +222,11 @@ class TextCorpus(DataSource):
             "sources": manifest["sources"],
         }
         return Prepared(train, val, report, manifest)
+
+    def print_plan(self, plan: dict[str, Any]) -> None:
+        from alia_nemo.data.report import print_corpus_plan
+
+        print_corpus_plan(plan)
 
     def print_prepared(self, cfg: AliaConfig, directory: Path, manifest: dict[str, Any]) -> None:
         from alia_nemo.data.report import print_corpus_manifest

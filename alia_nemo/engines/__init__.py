@@ -78,17 +78,22 @@ def run_stage(cfg: AliaConfig) -> dict[str, Any]:
     Checks first that offline nodes have the stage's models; a finished run is left as it is (its summary is
     returned, nothing is trained or rewritten). See :mod:`alia_nemo.engines.run_dir` for the guards.
     """
-    from alia_nemo.engines.run_dir import open_run
+    from alia_nemo.console import LOG_NAME, run_console
+    from alia_nemo.engines.run_dir import open_run, run_path
     from alia_nemo.model.hub_cache import require_cached
 
+    # First, before data preparation and Ray: where everything (the full log included) goes.
+    out = run_path(cfg)
+    print(f"[alia-nemo] run directory: {out} (full log: {LOG_NAME})", flush=True)
     require_cached(cfg)
     if cfg.engine.name not in ("local", "nemo_rl"):
         raise NotImplementedError(f"engine {cfg.engine.name!r} is not available yet")
-    with open_run(cfg) as run:
+    with open_run(cfg) as run, run_console(run.path, f"{cfg.stage.name} / {cfg.model.arch} on {cfg.engine.name}"):
         if run.finished is not None:
             print(
-                f"[alia-nemo] {run.path} is a finished run (summary.json, final/): nothing to do. To train again, "
-                "choose a new run.output_dir; to train it further, change the stage and set run.resume=force",
+                f"[alia-nemo] already finished: {run.path} is a finished run (summary.json, final/): nothing to do; "
+                f"its model is {run.path / 'final'}. To train again, choose a new run.output_dir; to train it "
+                "further, change the stage and set run.resume=force",
                 flush=True,
             )
             return {**run.finished, "already_finished": True}

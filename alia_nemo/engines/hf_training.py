@@ -116,7 +116,7 @@ def training_arguments(cfg: AliaConfig, stage: ResolvedStage, output_dir: Path, 
     from transformers import TrainingArguments
 
     has_val = stage.val_rows > 0
-    eval_every = cfg.run.eval_every
+    eval_every = stage.eval_every  # run.eval_every resolved (auto: about 10 validations per run; 0: at the end only)
     return TrainingArguments(
         output_dir=str(output_dir / "checkpoints"),
         per_device_train_batch_size=cfg.stage.micro_batch_size,
@@ -142,7 +142,7 @@ def training_arguments(cfg: AliaConfig, stage: ResolvedStage, output_dir: Path, 
         logging_nan_inf_filter=False,  # the default logs a NaN loss as a made-up finite one: the run must stop
         report_to=report_to,
         eval_strategy="steps" if has_val and eval_every else "no",
-        eval_steps=eval_every,
+        eval_steps=eval_every or None,
         seed=cfg.run.seed,
         data_seed=cfg.run.seed,
         use_cpu=use_cpu,
@@ -160,7 +160,9 @@ def training_arguments(cfg: AliaConfig, stage: ResolvedStage, output_dir: Path, 
 
 def metrics_callback(path: Path, print_every: int, shown: tuple[tuple[str, str], ...] = ()):
     """A Trainer callback (main process only) that appends every log event to ``metrics.jsonl`` and prints
-    one short progress line every ``print_every`` steps (in place of transformers' per-step dict dump).
+    one short progress line every ``print_every`` steps (in place of transformers' per-step dict dump): step of
+    total, loss, learning rate, tokens per second (non-padding input tokens of all workers, as the Trainer counts
+    them) and the time left (:class:`alia_nemo.engines.progress.Progress`).
 
     ``shown`` adds ``(logged key, label)`` pairs to the progress and validation lines when they were logged
     (DPO shows its reward margin and accuracy; the validation line reads the key with an ``eval_`` prefix).
@@ -171,6 +173,13 @@ def metrics_callback(path: Path, print_every: int, shown: tuple[tuple[str, str],
 
     from transformers import TrainerCallback
 
+    from alia_nemo.engines.progress import Progress
+
+    progress: Progress | None = None
+
+    def tokens_seen(state) -> float | None:
+        return float(state.num_input_tokens_seen) if state.num_input_tokens_seen else None
+
     def append(row: dict) -> None:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -178,8 +187,11 @@ def metrics_callback(path: Path, print_every: int, shown: tuple[tuple[str, str],
     class MetricsCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             # Marks each attempt; after a resume its step is the checkpoint's.
+            nonlocal progress
             if state.is_world_process_zero:
                 append({"event": "train_begin", "step": state.global_step, "time": time.time()})
+                progress = Progress(state.max_steps)
+                progress.begin(state.global_step, state.num_input_tokens_seen or 0)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs:
@@ -199,9 +211,10 @@ def metrics_callback(path: Path, print_every: int, shown: tuple[tuple[str, str],
                 return
             step = state.global_step
             if "loss" in logs and (step % print_every == 0 or step in (1, state.max_steps)):
+                rates = progress.suffix(step, tokens_seen(state)) if progress else ""
                 print(
                     f"[alia-nemo] step {step}/{state.max_steps} loss {logs['loss']:.4f}{extra(logs)} "
-                    f"lr {logs.get('learning_rate', 0):.3g}",
+                    f"lr {logs.get('learning_rate', 0):.3g}{rates}",
                     flush=True,
                 )
             if "eval_loss" in logs:
@@ -236,6 +249,9 @@ def save_final(trainer, tokenizer, output_dir: Path) -> None:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(final))
         GenerationConfig(**GENERATION_DEFAULTS).save_pretrained(str(final))
+        from alia_nemo.model.export import umask_modes
+
+        umask_modes(final)  # safetensors writes model.safetensors 0600; final/ is served and shared like an export
 
 
 def run_metadata(trainer, resume: Path | None) -> dict[str, Any]:

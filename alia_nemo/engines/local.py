@@ -11,6 +11,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +143,43 @@ def _ray_address(cfg: AliaConfig) -> str | None:
     return cfg.engine.ray_address or os.environ.get("RAY_ADDRESS") or None
 
 
+# Ray reads this variable (at import, into ray._private.ray_constants.ENABLE_RAY_CLUSTER) to decide whether a node
+# it starts may be joined from other machines. Off (macOS and Windows by default), the node's address is 127.0.0.1.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Inside this block a new Ray node gets 127.0.0.1 as its address and binds its sockets there (see _init_ray).
+
+    The variable, for the processes ``ray.init`` spawns (GCS, raylet, agents; the raylet's workers inherit it), and
+    the constant Ray read from it when this process imported ray; both are restored afterwards, so that a later
+    connection to a real cluster from this process is not affected.
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = saved_env
+
+
 def _init_ray(cfg: AliaConfig) -> bool:
-    """Connect to the configured cluster or start an embedded one; True when this call connected."""
+    """Connect to the configured cluster or start an embedded one; True when this call connected.
+
+    Either way the workers' output reaches this driver (``log_to_driver``) and goes through the run's console
+    (:func:`alia_nemo.console.route_worker_output`): all of it to ``logs/console.log``, our lines to the console.
+    """
     import ray
+
+    from alia_nemo.console import route_worker_output
 
     if ray.is_initialized():
         return False
@@ -153,19 +189,45 @@ def _init_ray(cfg: AliaConfig) -> bool:
     address = _ray_address(cfg)
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        route_worker_output()
         return True
-    # Embedded: no dashboard; the workers' torch rendezvous (store, gloo) stays on 127.0.0.1
-    # (alia_nemo.engines.rendezvous).
-    # Ray itself can not be confined to loopback: its own gRPC ports (GCS, raylet, object manager, each worker's
-    # core-worker server) listen on every interface, and it even turns _node_ip_address="127.0.0.1" into the
-    # machine's outward address. Ray >= 2.60 puts token authentication on those ports (RAY_AUTH_MODE).
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, int(cfg.engine.num_workers * cfg.engine.cpus_per_worker)),
-        include_dashboard=False,
-        log_to_driver=True,
-        configure_logging=False,
-        runtime_env=runtime_env,
-    )
+    # Embedded: one node on loopback, no dashboard; the workers' torch rendezvous (store, gloo) stays on 127.0.0.1
+    # too (alia_nemo.engines.rendezvous).
+    # - Address: Ray turns 127.0.0.1 given as _node_ip_address into the machine's outward address; its gRPC servers
+    #   then listen on every interface (`::`), the autoscaler's and the dashboard's metrics servers on 0.0.0.0. With
+    #   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (_loopback_node) the node's address is 127.0.0.1 and every server binds
+    #   to it. The listening TCP sockets of a run, measured with Ray 2.60 on Linux (tests/engines/test_local_sockets.py
+    #   checks that all are on loopback and which answer without the token), all on 127.0.0.1 or ::ffff:127.0.0.1
+    #   (an IPv6 socket bound to the IPv4 loopback address):
+    #     driver and every worker process (Ray Train's controller, its helper actors, the training workers, idle
+    #       pre-started workers): one core-worker gRPC port each (random);
+    #     gcs_server: the GCS gRPC port; raylet: node-manager and object-manager gRPC ports (random);
+    #     dashboard agent: its gRPC port (random) and its HTTP server (52365);
+    #     runtime-env agent: an HTTP port (random);
+    #     autoscaler monitor (monitor.py): Prometheus metrics over HTTP on 44217, fixed (AUTOSCALER_METRIC_PORT);
+    #     dashboard head (dashboard.py, started in its minimal mode even with include_dashboard=False): Prometheus
+    #       metrics over HTTP on 44227, fixed (DASHBOARD_METRIC_PORT);
+    #     a multi-worker run's rendezvous: rank 0's TCPStore and every rank's gloo pair sockets (random).
+    #   Token authentication (Ray >= 2.60, on by default for a new local cluster; the token is ~/.ray/auth_token)
+    #   guards the gRPC ports (a driver with a wrong token is refused by the GCS) and the two agents' HTTP servers
+    #   (401 without it). Without it: the two metrics endpoints (read-only counters) and the torch rendezvous, which is
+    #   why that one is bound to loopback (rendezvous.py). So local users of the machine can reach these ports and,
+    #   without the token, read only metrics; other machines reach none.
+    # - enable_metrics_collection off: it removes one more unauthenticated listener, the dashboard agent's own
+    #   Prometheus endpoint (nothing scrapes any of them here); the two above have no switch.
+    # - RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0: a node that lives and dies with this process is never drained for
+    #   preemption, and the watcher actor only adds a process and a warning.
+    runtime_env["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    with _loopback_node():
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, int(cfg.engine.num_workers * cfg.engine.cpus_per_worker)),
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+            runtime_env=runtime_env,
+            _system_config={"enable_metrics_collection": False},
+        )
+    route_worker_output()
     return True
 
 
@@ -209,6 +271,23 @@ def first_and_last(rows: list[dict[str, Any]]) -> dict[str, float]:
     return found
 
 
+def announce_resume(cfg: AliaConfig, out: Path, total_steps: int) -> Path | None:
+    """Say plainly where this attempt starts, before Ray starts: ``resuming from checkpoint-N (step N of M)``.
+
+    The checkpoint is the one the workers' ``resume_point`` then finds: torn or incomplete newer ones are moved to
+    ``incomplete-checkpoints/`` here, by the driver, which holds the run directory's lock.
+    """
+    from alia_nemo.engines.hf_training import newest_complete_checkpoint
+
+    if not cfg.run.resume:
+        return None
+    ckpt = newest_complete_checkpoint(out / "checkpoints", move_aside=True)
+    if ckpt is not None:
+        step = int(ckpt.name.split("-")[-1])
+        print(f"[alia-nemo] resuming from {ckpt.name} (step {step} of {total_steps})", flush=True)
+    return ckpt
+
+
 def run_local(cfg: AliaConfig) -> dict[str, Any]:
     """Train ``cfg``'s stage on Ray and return the run summary (also written to ``summary.json``)."""
     import ray
@@ -233,6 +312,7 @@ def run_local(cfg: AliaConfig) -> dict[str, Any]:
     tokenizer.save_pretrained(str(tokenizer_dir))
     (out / "data_report.json").write_text(json.dumps(data.report, indent=2))
     print(f"[alia-nemo] data: {json.dumps(data.report)}")
+    announce_resume(cfg, out, stage.steps)
 
     connected = _init_ray(cfg)
     embedded = connected and _ray_address(cfg) is None  # all workers on this machine: rendezvous on loopback

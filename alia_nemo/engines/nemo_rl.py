@@ -143,11 +143,27 @@ class MetricsRecorder:
 
     Raises :class:`TrainingError` at the first non-finite training or validation loss, which ends ``sft_train`` /
     ``dpo_train`` there (NeMo-RL logs a step after saving its checkpoint).
+
+    With ``print_every`` (``run.print_every``) and ``total_steps`` it also prints the local engine's progress line
+    every ``print_every`` steps (and at the first and last): step of total, loss (DPO: margin and accuracy too),
+    learning rate, tokens per second (NeMo-RL's ``global_valid_toks``: the trained tokens of each step) and the time
+    left, measured from ``start_step`` (the checkpoint this attempt resumed from) on.
     """
 
-    def __init__(self, path: Path, reward_scale: float = 1.0) -> None:
+    def __init__(
+        self, path: Path, reward_scale: float = 1.0, total_steps: int | None = None, print_every: int = 0,
+        start_step: int = 0,
+    ) -> None:  # fmt: skip
+        from alia_nemo.engines.progress import Progress
+
         self.path = Path(path)
         self.reward_scale = reward_scale
+        self.total_steps = total_steps
+        self.print_every = print_every
+        self.progress = Progress(total_steps) if total_steps and print_every else None
+        self._tokens = 0.0  # trained tokens of this attempt
+        if self.progress is not None:
+            self.progress.begin(start_step)
 
     def _rewards(self, metrics: dict[str, Any], tag: str) -> dict[str, float]:
         if "rewards_chosen_mean" not in metrics:
@@ -188,6 +204,23 @@ class MetricsRecorder:
         if not math.isfinite(loss):
             what = "training loss" if loss_key == "loss" else "validation loss"
             raise nonfinite_error(self.path.parent, what, loss, step)
+        if self.progress is not None:
+            self._print(row, loss_key, step)
+
+    def _print(self, row: dict[str, Any], loss_key: str, step: int) -> None:
+        """The progress line of a training row (every ``print_every`` steps), or the validation line."""
+        tag = loss_key.removesuffix("loss")  # "", "eval_" or "eval_<set>_": where a DPO row keeps its rewards
+        keys = {label: f"{tag}rewards/{label}" for label in ("margin", "accuracy")}
+        extra = "".join(f" {label} {row[key]:.4f}" for label, key in keys.items() if key in row)
+        if loss_key != "loss":
+            where = "" if loss_key == "eval_loss" else f" ({loss_key.removeprefix('eval_').removesuffix('_loss')})"
+            print(f"[alia-nemo] step {step} validation{where} loss {row[loss_key]:.4f}{extra}", flush=True)
+            return
+        self._tokens += row.get("tokens", 0.0)
+        if step % self.print_every == 0 or step in (1, self.total_steps):
+            rates = self.progress.suffix(step, self._tokens or None)
+            print(f"[alia-nemo] step {step}/{self.total_steps} loss {row['loss']:.4f}{extra} "
+                  f"lr {row.get('learning_rate', 0):.3g}{rates}", flush=True)  # fmt: skip
 
     def log_hyperparams(self, params: Any) -> None:
         pass
@@ -279,6 +312,14 @@ def _training_info(step_dir: str | Path | None) -> dict[str, Any]:
     return json.loads((Path(step_dir) / "training_info.json").read_text())
 
 
+def _print_every(output_dir: Path) -> int:
+    """``run.print_every`` of the run's composed config (``alia_config.json``); 0 (no progress lines) without one."""
+    try:
+        return int(json.loads((Path(output_dir) / "alia_config.json").read_text())["run"]["print_every"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def connect_ray(master: Any, ray_address: str | None = None) -> None:
     """NeMo-RL's ``init_ray`` on ``ray_address`` / ``RAY_ADDRESS`` (else a local cluster), GPUs checked."""
     import ray
@@ -366,11 +407,13 @@ def train_compiled(
     )
     resumed = checkpointer.get_latest_checkpoint_path()
     start = _training_info(resumed)  # now: keep_checkpoints may delete that checkpoint while training goes on
+    total = config["dpo" if dpo else "sft"]["max_num_steps"]
     if resumed:
-        print(f"[alia-nemo] resuming from {resumed}: step {start['total_steps']}, "
+        print(f"[alia-nemo] resuming from {resumed} (step {start['total_steps']} of {total}): "
               f"{start['consumed_samples']} samples consumed", flush=True)  # fmt: skip
     reward_scale = master.dpo.reference_policy_kl_penalty if dpo else 1.0
-    logger.loggers.append(MetricsRecorder(out / METRICS, reward_scale))
+    recorder = MetricsRecorder(out / METRICS, reward_scale, total, _print_every(out), start.get("total_steps", 0))
+    logger.loggers.append(recorder)
     if dpo:  # DPO's validation loaders are one per set: {"default": loader}
         train_loader = MaskedPairs(train_loader, "train", out / MASKED)
         val_loader = {k: MaskedPairs(v, "validation", out / MASKED) for k, v in val_loader.items()}

@@ -15,9 +15,10 @@ rendezvous of a run whose embedded Ray was promised to stay on loopback. Here in
   initialised and uses it, with the RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT variables set as Ray
   sets them.
 
-What stays open: Ray's own gRPC ports (GCS, raylet, object manager, each worker's core-worker server) listen on
-every interface whatever the node address; Ray can not confine them. Ray >= 2.60 puts token authentication on
-them (on by default for an embedded ``ray.init()``; ``RAY_AUTH_MODE=disabled`` turns it off).
+Ray's own ports (GCS, raylet, object manager, agents, each worker's core-worker server): on the embedded cluster
+they listen on loopback too (``alia_nemo.engines.local._init_ray`` lists them); on an external cluster they listen
+where that cluster's nodes were started. Ray >= 2.60 puts token authentication on them (on by default for an
+embedded ``ray.init()``; ``RAY_AUTH_MODE=disabled`` turns it off).
 """
 
 from __future__ import annotations

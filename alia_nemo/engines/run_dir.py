@@ -37,6 +37,7 @@ RESUMABLE_KEYS = (
     "run.print_every",
     "run.log_every",
     "run.save_every",
+    "run.eval_every",  # validating more or less often reads the model, it never changes what is trained
     "run.keep_checkpoints",
     "run.output_dir",
     "engine.ray_address",
@@ -198,8 +199,13 @@ def open_run(cfg: AliaConfig) -> Iterator[RunDir]:
         yield run
     except BaseException:
         lock.release()
-        if created and {p.name for p in out.iterdir()} <= {CONFIG_NAME}:
-            (out / CONFIG_NAME).unlink(missing_ok=True)  # ours, from this call: a run that failed on its inputs
+        from alia_nemo.console import LOG_NAME
+
+        # Ours, from this call: a run that failed on its inputs (its console log says only that) leaves nothing.
+        if created and {p.relative_to(out) for p in out.rglob("*")} <= {Path(CONFIG_NAME), LOG_NAME.parent, LOG_NAME}:
+            (out / CONFIG_NAME).unlink(missing_ok=True)
+            (out / LOG_NAME).unlink(missing_ok=True)
+            _remove_if_empty(out / LOG_NAME.parent)
             _remove_if_empty(out)
         raise
     else:

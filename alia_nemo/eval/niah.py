@@ -6,6 +6,11 @@ question, and answers greedily (temperature 0, no repetition penalty). Backends:
 directory, or any OpenAI-compatible chat endpoint (vLLM serving an export). Scoring: a deterministic
 key-phrase scorer, optionally plus an LLM judge with the card's Prometheus-2 prompt.
 
+The default grid follows the model's context (:func:`default_lengths`, :func:`find_context`): a model is never
+asked, unless explicitly, for prompts longer than it can read, and cells beyond its context are marked
+``beyond_context`` in ``niah.json`` and hatched in ``niah.png``. Before a run, :func:`probe` times the backend
+so that :class:`Estimate` can say how long the grid will take; :class:`GridProgress` shows progress as it runs.
+
 Nothing finished is lost: with a :class:`TrialStore` each trial is appended to ``trials.jsonl`` as it
 finishes, and a rerun with the same setup skips those (a different setup is refused, never mixed in).
 Endpoint requests time out, are retried with exponential backoff on connection errors, timeouts and HTTP
@@ -182,7 +187,8 @@ class OpenAIBackend:
             raise ConfigError(f"endpoint {base_url!r}: give an http(s) base URL, e.g. http://host:8000/v1")
         if timeout <= 0 or retries < 0:
             raise ConfigError(f"endpoint {base_url}: timeout must be > 0 s and retries >= 0")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base = base_url.rstrip("/")
+        self.url = self.base + "/chat/completions"
         self.model, self.api_key, self.max_tokens, self.timeout = model, api_key, max_tokens, timeout
         self.retries, self.backoff_s = retries, backoff_s
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -191,6 +197,26 @@ class OpenAIBackend:
         """The assistant's reply to ``msgs``; raises :class:`EndpointError` when none can be had."""
         body = {"model": self.model, "messages": msgs, "temperature": temperature, "max_tokens": self.max_tokens}
         return self._content(self._post(body))
+
+    def served_context(self, timeout: float = 10.0) -> int | None:
+        """The served model's context, ``max_model_len`` in ``GET /models`` (vLLM's), or None when not there.
+
+        One short request, no retries and no error: the context only shapes the default grid, and a server that
+        does not say (or is not up yet) must not stop the run here; the trials then report what is wrong.
+        """
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            req = urllib.request.Request(self.base + "/models", headers=headers)
+            with urllib.request.urlopen(req, timeout=min(timeout, self.timeout)) as resp:
+                data = json.loads(resp.read())
+        except (OSError, ValueError, http.client.HTTPException):
+            return None
+        models = data.get("data") if isinstance(data, dict) else None
+        for entry in models if isinstance(models, list) else []:
+            if isinstance(entry, dict) and entry.get("id") == self.model:
+                size = entry.get("max_model_len")
+                return size if isinstance(size, int) and size > 0 else None
+        return None
 
     def _post(self, body: dict[str, Any]) -> bytes:
         headers = {"Content-Type": "application/json"}
@@ -300,6 +326,88 @@ def parse_grid(lengths: str, depths: str) -> tuple[list[int], list[float]]:
     if not ls or not ds or min(ls) <= 0 or not all(0 <= d <= 100 for d in ds):
         raise ConfigError("--lengths needs positive token counts and --depths percentages from 0 to 100")
     return ls, ds
+
+
+# ------------------------------------------------------------------------------------------------ grid
+
+CARD_LENGTHS = (4096, 16384, 32768, 65536, 131072, 163840)  # the card's grid, for ALIA-40b's 163,840-token context
+CARD_DEPTHS = (0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 100.0)
+MIN_DEFAULT_LENGTHS = 3  # fewer columns show no trend over length
+# Keys a config.json may give the context under, the usual one first (GPT-2 style and some others use the rest).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+@dataclass(frozen=True)
+class Context:
+    """A model's context in tokens (None: unknown) and where that came from (or why it is unknown), for messages."""
+
+    tokens: int | None
+    source: str
+
+
+def default_lengths(context: int | None) -> list[int]:
+    """The default ``--lengths`` for a model whose context is ``context`` tokens (None: unknown).
+
+    The rule: the card's lengths (4,096 ... 163,840) that fit the context, plus the context itself; when that makes
+    fewer than three lengths, a quarter and a half of the context are added. So 163,840 gives the card's six,
+    32,768 gives 4,096, 16,384 and 32,768, 4,096 gives 1,024, 2,048 and 4,096, and 1,024 gives 256, 512 and 1,024.
+    An unknown context gives the card's lengths. A length is the prompt's, as on the card: the answer's tokens come
+    on top of it.
+    """
+    if not context:
+        return list(CARD_LENGTHS)
+    lengths = {n for n in CARD_LENGTHS if n <= context} | {context}
+    if len(lengths) < MIN_DEFAULT_LENGTHS:
+        lengths |= {max(1, context // 4), max(1, context // 2)}
+    return sorted(lengths)
+
+
+def config_context(model: str | None) -> Context:
+    """The context a model's ``config.json`` declares: a local directory, or a hub id already in the local cache
+    (looked up offline: sizing the grid must not download anything)."""
+    if not model:
+        return Context(None, "no model directory")
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except (ImportError, ValueError, OSError):  # not a valid hub id either
+            cached = None
+        if not isinstance(cached, str):
+            return Context(None, f"no config.json in {model}")
+        path = Path(cached)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return Context(None, f"{path} is not readable JSON")
+    # Multimodal configs keep the language model's settings in text_config.
+    for conf in (config, config.get("text_config")) if isinstance(config, dict) else ():
+        for key in CONTEXT_KEYS if isinstance(conf, dict) else ():
+            if isinstance(conf.get(key), int) and conf[key] > 0:
+                return Context(conf[key], f"{key} in {path}")
+    return Context(None, f"{path} gives no {CONTEXT_KEYS[0]}")
+
+
+def find_context(model_dir: str | None = None, endpoint: OpenAIBackend | None = None,
+                 tokenizer: str | None = None) -> Context:  # fmt: skip
+    """The context of the model under test: ``model_dir``'s config.json; for an ``endpoint``, the served model's
+    ``max_model_len`` (what the server accepts), else the config.json next to ``tokenizer``."""
+    if endpoint is None:
+        return config_context(model_dir)
+    served = endpoint.served_context()
+    if served:
+        return Context(served, f"max_model_len of {endpoint.model!r} at {endpoint.base}/models")
+    found = config_context(tokenizer)
+    if found.tokens:
+        return found
+    return Context(None, f"{endpoint.base}/models gives no max_model_len for {endpoint.model!r}; {found.source}")
+
+
+def beyond(lengths: Sequence[int], context: int | None) -> list[int]:
+    """The lengths longer than ``context`` (none when it is unknown)."""
+    return [n for n in lengths if context and n > context]
 
 
 def settings_digest(text: str) -> str:
@@ -426,39 +534,258 @@ def run(
     return trials
 
 
-def write_results(trials: list[Trial], out: Path, meta: dict[str, Any]) -> dict[str, Path]:
-    """``niah.json`` (every trial + the setup) and ``niah.png`` (depth x length heat map of the score)."""
-    import matplotlib
+# ----------------------------------------------------------------------------------- estimate, progress
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+PROBE_TOKENS = (128, 1024)  # two sizes tell an answer's fixed cost from the cost of each prompt token
+
+
+def probe(
+    chat: Callable[[list[dict[str, str]]], str], tokenizer, haystack: str, context: int | None = None
+) -> list[tuple[int, float]]:
+    """(prompt tokens, seconds) of one or two short timed chats, each built and answered like a trial (needle at
+    50%, building the prompt included); the answers are discarded. Sizes above ``context`` are cut to it.
+
+    An untimed chat at the smallest size goes first: a backend's first call pays one-time costs (kernel selection,
+    allocator warm-up) that would otherwise be read as a cost of every trial.
+    """
+    sizes = sorted({min(n, context) if context else n for n in PROBE_TOKENS})
+    chat(messages(build_context(tokenizer, haystack, sizes[0], 50.0)))
+    points = []
+    for size in sizes:
+        start = time.monotonic()
+        msgs = messages(build_context(tokenizer, haystack, size, 50.0))
+        chat(msgs)
+        points.append((prompt_tokens(tokenizer, msgs), time.monotonic() - start))
+    return points
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Seconds a trial takes as ``fixed_s + per_token_s * prompt tokens``, a straight line through timed chats.
+
+    A line is what a few short measurements can tell; attention's cost grows faster than linearly at long
+    contexts, so the longest cells may take longer than this says.
+    """
+
+    fixed_s: float
+    per_token_s: float
+
+    @classmethod
+    def fit(cls, points: Sequence[tuple[int, float]]) -> Estimate | None:
+        """Least squares through (prompt tokens, seconds); None without points. One size: proportional to tokens."""
+        pts = [(float(n), float(t)) for n, t in points if n > 0 and t >= 0]
+        if not pts:
+            return None
+        mean_n, mean_t = sum(n for n, _ in pts) / len(pts), sum(t for _, t in pts) / len(pts)
+        var = sum((n - mean_n) ** 2 for n, _ in pts)
+        if var == 0:
+            return cls(0.0, mean_t / mean_n)
+        slope = sum((n - mean_n) * (t - mean_t) for n, t in pts) / var
+        if slope <= 0:  # timing noise (a warm-up) or a fixed cost that dominates: every trial like the mean
+            return cls(mean_t, 0.0)
+        fixed = mean_t - slope * mean_n
+        if fixed < 0:  # a line through the origin instead: no trial is estimated at under nothing
+            return cls(0.0, sum(n * t for n, t in pts) / sum(n * n for n, _ in pts))
+        return cls(fixed, slope)
+
+    def seconds(self, tokens: int) -> float:
+        """The estimated seconds of a trial whose prompt has ``tokens`` tokens."""
+        return self.fixed_s + self.per_token_s * tokens
+
+    def total(self, lengths: Sequence[int]) -> float:
+        """The estimated seconds of trials of these lengths."""
+        return sum(self.seconds(n) for n in lengths)
+
+
+def duration(seconds: float) -> str:
+    """Seconds as people read them: ``under 1 s``, ``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    s = round(seconds)
+    if seconds < 1:
+        return "under 1 s"
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def about(seconds: float) -> str:
+    """An estimated duration: ``~42 s``, or ``under 1 s``."""
+    return duration(seconds) if seconds < 1 else "~" + duration(seconds)
+
+
+def _fmt_lengths(lengths: Sequence[int], context: int | None) -> str:
+    return ", ".join(f"{n:,}" + (" (beyond context)" if context and n > context else "") for n in lengths)
+
+
+def grid_lines(lengths: Sequence[int], depths: Sequence[float], context: Context, explicit: bool) -> list[str]:
+    """What a run says before it starts: the model's context and where it came from, and the grid."""
+    if context.tokens:
+        head = f"niah: the model's context is {context.tokens:,} tokens ({context.source})"
+    else:
+        assumed = "" if explicit else f"; assuming the card's lengths, up to {CARD_LENGTHS[-1]:,} tokens"
+        head = f"niah: the model's context is unknown ({context.source}){assumed}"
+    which = ("--lengths as given" if explicit else
+             f"the default for {'a ' + format(context.tokens, ',') + '-token' if context.tokens else 'an unknown'} "
+             "context; --lengths to choose others")  # fmt: skip
+    trials = len(lengths) * len(depths)
+    return [
+        head,
+        f"niah: grid of {len(lengths)} length(s) x {len(depths)} depth(s) = {trials} trials ({which})",
+        f"  lengths (prompt tokens): {_fmt_lengths(lengths, context.tokens)}",
+        f"  depths (% into the haystack): {', '.join(f'{d:g}' for d in depths)}",
+    ]
+
+
+def estimate_line(pending: Sequence[int], points: Sequence[tuple[int, float]], judged: bool = False) -> str:
+    """The time estimate for the trials still to run (``pending``: their lengths), from ``points`` (timed probes;
+    none for an endpoint, which gets no requests beyond the grid's: the progress lines then estimate from the
+    finished trials)."""
+    est = Estimate.fit(points)
+    if est is None:
+        return (f"niah: {len(pending)} trial(s) to run; time estimate from the first trial on (an endpoint is sent "
+                "no extra requests to time it)")  # fmt: skip
+    timed = ", ".join(f"{n:,} tokens: {t:.2g} s" for n, t in points)
+    extra = "; the judge's replies come on top" if judged else ""
+    return (f"niah: estimated time {about(est.total(pending))} for {len(pending)} trial(s), the longest "
+            f"{about(est.seconds(max(pending)))} each. An estimate: {len(points)} timed chat(s) after a warm-up "
+            f"({timed}), scaled linearly by each cell's prompt tokens; long contexts may take longer"
+            f"{extra}")  # fmt: skip
+
+
+class GridProgress:
+    """Progress over a run's trials, as :func:`run`'s ``progress`` callback.
+
+    On a terminal (``stream.isatty()``) a tqdm bar with the trials done and the estimated time left, each trial's
+    line printed above it; elsewhere (a log file, a pipe, CI) one plain line per trial with the same figures, so
+    logs get no carriage-return noise. Each finished trial's time (since the previous one finished) refits the
+    estimate, so it improves as the run goes. ``pending`` holds the lengths of the cells still to run, in order.
+    """
+
+    def __init__(
+        self,
+        pending: Sequence[int],
+        total: int,
+        points: Sequence[tuple[int, float]] = (),
+        context: int | None = None,
+        stream: Any = None,
+        out: Any = None,
+    ):
+        self.pending, self.total, self.context = list(pending), total, context
+        self.done = total - len(self.pending)
+        self.points = list(points)
+        self.out = out or sys.stdout
+        stream = stream or sys.stderr
+        self.last = time.monotonic()
+        self.bar = None
+        try:
+            width: int | None = os.get_terminal_size(stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):  # no file descriptor (a wrapped stream): let tqdm decide
+            width = None
+        # A terminal that reports 0 columns (a bare pty) would get an invisible bar: plain lines then.
+        if getattr(stream, "isatty", lambda: False)() and width != 0:
+            from tqdm import tqdm
+
+            shape = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} trials [{elapsed}{postfix}]"
+            self.bar = tqdm(total=total, initial=self.done, file=stream, desc="niah", dynamic_ncols=width is not None,
+                            ncols=None if width else 100, bar_format=shape)  # fmt: skip
+            self.bar.set_postfix_str(self.left())
+
+    def left(self) -> str:
+        """The estimated time the pending trials take, refitted to every timing so far."""
+        est = Estimate.fit(self.points)
+        if not self.pending:
+            return "done"
+        return f"{about(est.total(self.pending))} left" if est else "time left: after the first trial"
+
+    def __call__(self, trial: Trial) -> None:
+        now = time.monotonic()
+        self.points.append((trial.prompt_tokens, now - self.last))
+        self.last = now
+        if self.pending:
+            self.pending.pop(0)
+        self.done += 1
+        mark = " (beyond context)" if self.context and trial.length > self.context else ""
+        cell = (f"{trial.length:>7,} tokens depth {trial.depth:>5g}%: score {trial.score:.2f} "
+                f"{trial.response[:60]!r}{mark}")  # fmt: skip
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.left(), refresh=False)
+            self.bar.update(1)
+            self.bar.write(f"[alia-nemo] niah {cell}", file=self.out)
+        else:
+            count = f"{self.done:>{len(str(self.total))}}/{self.total}"
+            print(f"[alia-nemo] niah [{count}, {self.left()}] {cell}", file=self.out, flush=True)
+
+    def close(self) -> None:
+        """End the bar (a no-op for plain lines); call it also when the run fails, before the error is printed."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def heat_map(trials: Sequence[Trial], context: int | None) -> tuple[list[int], list[float], Any, list[bool]]:
+    """The heat map's data: its lengths (columns), depths (rows), the score grid (NaN where no trial) and, per
+    column, whether that length is beyond the model's ``context`` (all False when it is unknown)."""
     import numpy as np
 
-    out.mkdir(parents=True, exist_ok=True)
     lengths = sorted({t.length for t in trials})
     depths = sorted({t.depth for t in trials})
     grid = np.full((len(depths), len(lengths)), np.nan)
     for t in trials:
         grid[depths.index(t.depth), lengths.index(t.length)] = t.score
+    return lengths, depths, grid, [bool(context and n > context) for n in lengths]
+
+
+def write_results(trials: list[Trial], out: Path, meta: dict[str, Any]) -> dict[str, Path]:
+    """``niah.json`` (every trial + the setup) and ``niah.png`` (depth x length heat map of the score).
+
+    ``meta["context"]`` is the model's context in tokens (None: unknown); without that key it is read from
+    ``meta["model"]``'s config.json when that is a local directory. Trials longer than it get
+    ``"beyond_context": true`` (null when the context is unknown) and their columns are hatched in the heat map.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta)
+    if "context" not in meta:
+        model = str(meta.get("model") or "")
+        meta["context"] = config_context(model).tokens if model and Path(model).is_dir() else None
+    context = meta["context"]
+    lengths, depths, grid, past = heat_map(trials, context)
     summary = {
         "needle": NEEDLE,
         "system_prompt": SYSTEM_PROMPT,
         "question": QUESTION,
         **meta,
+        "lengths_beyond_context": beyond(lengths, context),
         "mean_score": float(np.nanmean(grid)),
-        "trials": [asdict(t) for t in trials],
+        "trials": [{**asdict(t), "beyond_context": t.length > context if context else None} for t in trials],
     }
     (out / "niah.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.9 * len(lengths)), max(3.0, 1.2 + 0.5 * len(depths))))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths], rotation=45)
+    labels = [f"{n:,}" + ("\nbeyond context" if b else "") for n, b in zip(lengths, past)]
+    ax.set_xticks(range(len(lengths)), labels, rotation=45)
     ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
     for (i, j), value in np.ndenumerate(grid):
         if not np.isnan(value):
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
-    ax.set_title(f"needle in a haystack: {Path(str(meta.get('model', ''))).name}", fontsize=10)
+    for j in (j for j, b in enumerate(past) if b):  # hatched: a score there says nothing about the model
+        ax.add_patch(Rectangle((j - 0.5, -0.5), 1, len(depths), fill=False, hatch="//", edgecolor="0.3",
+                               linewidth=0, label="beyond context"))  # fmt: skip
+    title = f"needle in a haystack: {Path(str(meta.get('model', ''))).name}"
+    if any(past):
+        title += f"\nhatched: beyond the model's {context:,}-token context"
+    ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="key-phrase score")
     fig.tight_layout()
     fig.savefig(out / "niah.png", dpi=100)

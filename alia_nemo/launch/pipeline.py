@@ -77,11 +77,21 @@ def pipeline_files() -> dict[str, Path]:
 
 
 def load_pipeline(name: str) -> PipelineConfig:
+    """The pipeline ``conf/pipeline/NAME.yaml``, or the pipeline file at a path (``recipe=PATH`` as for recipes: it ends
+    in .yaml/.yml or contains a ``/``; e.g. a copy from ``alia-nemo recipes copy``), validated."""
+    from alia_nemo.config.compose import is_recipe_path, recipe_path
+
     files = pipeline_files()
-    if name not in files:
+    if is_recipe_path(name):
+        path = recipe_path(name, "pipeline")
+    elif name not in files:
         raise ConfigError(f"unknown pipeline {name!r}; available: {sorted(files)}")
+    else:
+        path = files[name]
     try:
-        spec = PipelineConfig.model_validate(yaml.safe_load(files[name].read_text()))
+        spec = PipelineConfig.model_validate(yaml.safe_load(path.read_text()))
+    except yaml.YAMLError as exc:  # a hand-edited copy
+        raise ConfigError(f"pipeline {name!r}: {path} is not valid YAML: {exc}") from None
     except ValidationError as exc:
         lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
         raise ConfigError(f"pipeline {name!r} is invalid:\n  " + "\n  ".join(lines)) from None
@@ -382,3 +392,62 @@ class Pipeline:
 
             out["harness_status"] = harness.run(harness.command(self.run_dir / "eval" / "harness", str(model)))
         return out
+
+
+def _stage_numbers(summary_path: Path) -> str:
+    """A stage's last training loss, validation loss and (DPO) preference accuracy from its ``summary.json``, as
+    ``(last loss 1.234, ...)``; empty when the file is missing or holds none of them."""
+    try:
+        train = json.loads(summary_path.read_text(encoding="utf-8")).get("train") or {}
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if not isinstance(train, dict):
+        return ""
+    # The local engine logs last_accuracy, the NeMo-RL engine last_rewards/accuracy: the same number.
+    accuracy = train.get("last_accuracy", train.get("last_rewards/accuracy"))
+    parts = [f"{label} {value:.3f}" if "accuracy" not in label else f"{label} {value:.2f}"
+             for label, value in (("last loss", train.get("last_loss")), ("validation loss", train.get("eval_loss")),
+                                  ("preference accuracy", accuracy),
+                                  ("validation accuracy", train.get("eval_rewards/accuracy")))
+             if isinstance(value, (int, float))]  # fmt: skip
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _niah_numbers(results: Path) -> str:
+    """``mean score S over N trials`` from ``niah.json`` (its mean_score, else the trials' mean); "" if unreadable."""
+    try:
+        data = json.loads(results.read_text(encoding="utf-8"))
+        trials = data.get("trials") or []
+        scores = [float(t["score"]) for t in trials if isinstance(t, dict) and t.get("score") is not None]
+        mean = data.get("mean_score", sum(scores) / len(scores) if scores else None)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return ""
+    return f"mean score {float(mean):.3f} over {len(trials)} trials" if mean is not None else ""
+
+
+def summary_lines(pipe: Pipeline) -> list[str]:
+    """What a finished (or partly run) pipeline produced, one line per output, read from the run directory: each
+    stage's ``final/`` with its last loss (and DPO accuracy), the export, the NIAH picture with its mean score, and the
+    harness results. Outputs not there yet are left out; the NIAH line ends the list, as it is what one looks at."""
+    lines = []
+    for stage in pipe.spec.stages:
+        final = pipe.output_path(stage)
+        if final.is_dir():
+            lines.append(f"{stage}: {final}{_stage_numbers(pipe.run_dir / stage / 'summary.json')}")
+    export = pipe.output_path("export")
+    if export.is_dir():
+        lines.append(f"export: {export}")
+    eval_dir = pipe.output_path("eval")
+    if pipe.spec.eval.harness and (eval_dir / "harness").is_dir():
+        from alia_nemo.eval.harness import results_files
+
+        found = results_files(eval_dir / "harness")
+        status = pipe.state.get("eval", {}).get("harness_status")
+        exit_note = f" (lm_eval exit {status})" if isinstance(status, int) and status else ""
+        lines.append(f"harness results: {found[-1] if found else eval_dir / 'harness'}{exit_note}")
+    if (eval_dir / "niah.json").is_file():
+        numbers = _niah_numbers(eval_dir / "niah.json")
+        picture = eval_dir / "niah.png"
+        lines.append(f"NIAH: {numbers + ', ' if numbers else ''}picture {picture if picture.is_file() else '(missing)'}"
+                     f", results {eval_dir / 'niah.json'}")  # fmt: skip
+    return lines

@@ -142,10 +142,18 @@ def secret_reason(name: str, value: str) -> str | None:
     return None
 
 
-def job_address(address: str | None) -> str:
-    """The job API's URL from ``--address``, else ``RAY_ADDRESS``: host[:port] or an http(s) URL."""
+def job_address(address: str | None, job_id: str | None = None) -> str:
+    """The job API's URL from ``--address``, else ``RAY_ADDRESS``: host[:port] or an http(s) URL.
+
+    ``job_id`` names the job a ``jobs`` command asks about, so its error speaks of that job, not of submitting.
+    """
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
+        if job_id:
+            raise ConfigError(
+                f"no Ray job API address to reach job {job_id}: pass --address http://HEAD:8265 or set RAY_ADDRESS "
+                "(the head's dashboard / job API address the job was submitted to)"
+            )
         raise ConfigError(
             "no Ray cluster to submit to: pass --address http://HEAD:8265 or set RAY_ADDRESS "
             "(the head's dashboard / job API address)"
@@ -179,10 +187,10 @@ def runtime_env(extra: list[str] | None = None, environ: dict[str, str] | None =
     return {"env_vars": env}
 
 
-def _client(address: str | None):
+def _client(address: str | None, job_id: str | None = None):
     from ray.job_submission import JobSubmissionClient
 
-    url = job_address(address)
+    url = job_address(address, job_id)
     try:
         return JobSubmissionClient(url)
     except Exception as exc:  # connection refused, auth, version mismatch: all mean "not usable"
@@ -221,7 +229,7 @@ def follow(job_id: str, address: str | None = None) -> None:
     """Stream the job's driver log to stdout until it ends."""
     import asyncio
 
-    client = _client(address)
+    client = _client(address, job_id)
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
@@ -267,6 +275,6 @@ def stop(job_id: str, address: str | None = None) -> bool:
 def _api(call: Any, address: str | None, job_id: str) -> Any:
     """One job API call; its HTTP errors (an unknown job id, say) become one clear error."""
     try:
-        return call(_client(address))
+        return call(_client(address, job_id))
     except RuntimeError as exc:
         raise ConfigError(f"Ray's job API at {job_address(address)}, job {job_id}: {exc}") from None

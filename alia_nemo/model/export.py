@@ -38,6 +38,38 @@ class ExportError(AliaError, RuntimeError):
     """A conversion or export that ran and failed; names the command and what to check."""
 
 
+def current_umask() -> int:
+    """The process's umask, read from /proc where it can be (``os.umask`` reads it only by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_modes(directory: Path) -> None:
+    """Give every file under ``directory`` the mode ``open()`` gives a new file (``0o666 & ~umask``, 0644 under the
+    usual umask 022) and every folder ``0o777 & ~umask``, so a serving account can read a model like its config.
+
+    safetensors 0.8 writes a file atomically through a temporary file, which is created 0600 and renamed into place,
+    so ``model.safetensors`` came out 0600 beside a 0644 ``config.json``; ``shutil.copy2`` and NeMo-RL's converters
+    carry that mode along. Called on every model directory we write (``final/``, exports) before it is used.
+    """
+    mask = current_umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def resolve_source(path: Path) -> Path:
     """The directory holding the weights: a run dir's ``final/``, or the path itself."""
     path = Path(path).expanduser()
@@ -208,6 +240,7 @@ def export(source: Path, out: Path, tokenizer: str | None = None, *, force: bool
         # What export wrote: --force later replaces this directory only while it holds nothing else.
         info["files"] = sorted({p.name for p in model_dir.iterdir()} | {EXPORT_INFO})
         (model_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+        umask_modes(model_dir)  # copied or converted weights come 0600 (see umask_modes); the export is shared
         problem = checkpoints.weights_problem(model_dir)
         if problem:
             raise ExportError(f"the exported model failed its integrity check ({problem}); {out} was left as it was")

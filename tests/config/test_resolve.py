@@ -107,6 +107,7 @@ def test_every_command_reports_the_same_numbers(recipe, tmp_path, capsys):
         assert compiled["layout"] == r.layout and compiled["grad_accumulation"] == r.grad_accumulation
         text = (tmp_path / "c.yaml").read_text()
         assert f"max_num_steps: {r.steps}\n" in text and f"train_global_batch_size: {r.global_batch_size}\n" in text
+        assert f"val_period: {r.eval_every}\n" in text  # run.eval_every as resolved (auto: about 10 per run)
     if cfg.data.format != "messages_jsonl":
         dry = json.loads(_run(["prepare", f"recipe={recipe}", "--dry-run", "--json"], capsys))
         if r.kind == "cpt":

@@ -9,7 +9,9 @@ from alia_nemo.config.resolve import resolve
 from alia_nemo.data.loading import prepare_sft
 from alia_nemo.data.sources import load_for_training
 from alia_nemo.engines.hf_training import SFTCollator, newest_complete_checkpoint, train_sft
+from alia_nemo.model.export import current_umask
 from tests.helpers import (
+    plotted_curves,
     read_jsonl,
     save_peaked_tiny_model,
     token_and_sequence_means,
@@ -106,3 +108,15 @@ def test_schedule_clipping_and_steps(tmp_path, tok):
     # Saved every 5 steps and at the end, two newest kept.
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-12"]
     assert (tmp_path / "final" / "model.safetensors").is_file()
+    # run.eval_every=auto: 12 steps validate every 2 (and at the end), and loss.png draws them as a curve.
+    assert stage.eval_every == 2
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    evals = sorted({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}.items())  # the last step: twice
+    assert [step for step, _ in evals] == [2, 4, 6, 8, 10, 12] and evals[-1][1] < evals[0][1]
+    curves = plotted_curves(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert curves["validation"] == evals and len(curves["train"]) == 12
+    # final/ is readable like any new file (safetensors alone would leave model.safetensors 0600).
+    expected = 0o666 & ~current_umask()
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "final").iterdir()} == {
+        p.name: oct(expected) for p in (tmp_path / "final").iterdir()
+    }

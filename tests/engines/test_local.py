@@ -17,6 +17,7 @@ from alia_nemo.config.resolve import resolve
 from alia_nemo.data.loading import prepare_sft
 from alia_nemo.engines.local import run_local
 from tests.helpers import (
+    plotted_curves,
     read_jsonl,
     save_peaked_tiny_model,
     token_and_sequence_means,
@@ -60,6 +61,11 @@ def test_default_job_trains_loss_falls_and_final_model_chats(tmp_path):
         assert (out / artefact).is_file(), artefact
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # run.eval_every=auto: validation every 21 steps and at the end, spread over the run, drawn as a curve.
+    evals = sorted({r["step"]: r["eval_loss"] for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r}.items())
+    assert [step for step, _ in evals] == [*range(21, 204, 21), 204] and summary["resolved"]["eval_every"] == 21
+    assert evals[-1][1] < evals[0][1] and evals[-1][1] == pytest.approx(summary["train"]["eval_loss"])
+    assert plotted_curves(out / "metrics.jsonl", tmp_path / "replot.png")["validation"] == evals
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

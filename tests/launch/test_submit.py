@@ -157,3 +157,16 @@ def test_submit_without_a_cluster_explains(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["submit", "stage.max_steps=1"]) == 2
     assert "no Ray cluster to submit to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["jobs", "status", "raysubmit_42"], ["jobs", "logs", "raysubmit_42"],
+                                  ["jobs", "stop", "raysubmit_42"]])  # fmt: skip
+def test_jobs_without_an_address_speak_of_the_job(argv, monkeypatch, capsys):
+    from alia_nemo.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("alia-nemo jobs: error: no Ray job API address to reach job raysubmit_42: pass --address "
+                          "http://HEAD:8265 or set RAY_ADDRESS")  # fmt: skip
+    assert "submit" in err.split("(")[-1] and "no Ray cluster to submit to" not in err

@@ -121,3 +121,21 @@ def test_nemo_rl_checkpoints_use_nemo_rls_converters(tmp_path):
     copy = yaml.safe_load(converter_config(step_cfg, tmp_path / "copy.yaml").read_text())
     assert copy["policy"]["hf_overrides"] == rope and copy["policy"]["hf_config_overrides"] == rope
     assert "hf_overrides" not in yaml.safe_load(step_cfg.read_text())["policy"]  # the checkpoint is untouched
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_every_exported_file_is_readable_as_the_umask_allows(finished_stage, tmp_path, umask, mode):
+    """safetensors 0.8 writes model.safetensors 0600 (a temporary file renamed into place) and copy2 kept that: a
+    serving account could read the export's config but not its weights. Now every file gets ``0o666 & ~umask``."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        out = export(finished_stage, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and "config.json" in modes and "tokenizer.json" in modes
+    assert modes == dict.fromkeys(modes, mode), {name: oct(m) for name, m in modes.items()}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # the directory, not mkdtemp's 0700 staging
