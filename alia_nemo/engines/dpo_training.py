@@ -24,6 +24,7 @@ from alia_nemo.config.schema import AliaConfig, DPOSettings
 from alia_nemo.data.reader import DataError
 from alia_nemo.engines.hf_training import (
     build_model,
+    final_evaluation,
     metrics_callback,
     prepare_worker,
     resume_point,
@@ -362,7 +363,7 @@ def train_dpo(
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics = dict(result.metrics)
     if val_set is not None:  # the final validation loss and rewards, whatever the cadence during training
-        metrics.update(trainer.evaluate(val_set))
+        metrics.update(final_evaluation(trainer, lambda: val_set))
     save_final(trainer, tokenizer, output_dir)
     metrics.update(run_metadata(trainer, resume))
     return metrics

@@ -264,6 +264,19 @@ def run_metadata(trainer, resume: Path | None) -> dict[str, Any]:
     }
 
 
+def final_evaluation(trainer, dataset) -> dict[str, Any]:
+    """The validation metrics at the last step: the scheduled evaluation's when it ran there, else a new one.
+
+    ``dataset`` is a callable returning the validation set (built only when it is needed). Evaluating twice at the
+    last step would print (and log) the same validation line twice.
+    """
+    last = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") == last and "eval_loss" in entry:
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return trainer.evaluate(dataset())
+
+
 def train_sft(
     cfg: AliaConfig,
     stage: ResolvedStage,
@@ -299,7 +312,7 @@ def train_sft(
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics = dict(result.metrics)
     if val_rows:  # the final validation loss, whatever the cadence during training
-        metrics.update(trainer.evaluate(Dataset.from_list(val_rows)))
+        metrics.update(final_evaluation(trainer, lambda: Dataset.from_list(val_rows)))
     save_final(trainer, tokenizer, output_dir)
     metrics.update(run_metadata(trainer, resume))
     return metrics

@@ -111,7 +111,7 @@ def test_schedule_clipping_and_steps(tmp_path, tok):
     # run.eval_every=auto: 12 steps validate every 2 (and at the end), and loss.png draws them as a curve.
     assert stage.eval_every == 2
     rows = read_jsonl(tmp_path / "metrics.jsonl")
-    evals = sorted({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}.items())  # the last step: twice
+    evals = sorted({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}.items())
     assert [step for step, _ in evals] == [2, 4, 6, 8, 10, 12] and evals[-1][1] < evals[0][1]
     curves = plotted_curves(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
     assert curves["validation"] == evals and len(curves["train"]) == 12
