@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from alia_nemo.config.schema import MixtureConfig, MixtureDatasetConfig
+from alia_nemo.config.schema import MixtureConfig, MixtureDatasetConfig, PreferenceConfig, PreferenceDatasetConfig
 from alia_nemo.data.cache import (
     WAIT_S,
     build_cached,
@@ -77,12 +77,14 @@ class MixtureError(DataError):
 # ---------------------------------------------------------------------------------------------- plan
 
 
-def active_datasets(mix: MixtureConfig) -> dict[str, MixtureDatasetConfig]:
-    """Datasets left after the licence filter."""
+def active_datasets(
+    mix: MixtureConfig | PreferenceConfig,
+) -> dict[str, MixtureDatasetConfig] | dict[str, PreferenceDatasetConfig]:
+    """Datasets left after the licence filter (of an SFT mixture or a preference set: the same rule)."""
     return {n: d for n, d in mix.datasets.items() if d.licence not in mix.exclude_licenses}
 
 
-def missing_files(mix: MixtureConfig) -> dict[str, list[str]]:
+def missing_files(mix: MixtureConfig | PreferenceConfig) -> dict[str, list[str]]:
     """Local files named by active datasets that do not exist (internal sets, local copies)."""
     missing = {}
     for name, entry in active_datasets(mix).items():

@@ -52,7 +52,7 @@ from alia_nemo.data.cache import (
     sha256_file,
     tokenizer_hash,
 )
-from alia_nemo.data.mixture import MixtureError
+from alia_nemo.data.mixture import MixtureError, active_datasets, missing_files
 from alia_nemo.data.mixture import read_rows as _read_source_rows
 from alia_nemo.data.reader import DataError, InvalidRow
 from alia_nemo.model.chatml import (
@@ -79,21 +79,6 @@ class PreferenceError(DataError):
 
 
 # ---------------------------------------------------------------------------------------------- plan
-
-
-def active_datasets(cfg: PreferenceConfig) -> dict[str, PreferenceDatasetConfig]:
-    """Datasets left after the licence filter."""
-    return {n: d for n, d in cfg.datasets.items() if d.licence not in cfg.exclude_licenses}
-
-
-def missing_files(cfg: PreferenceConfig) -> dict[str, list[str]]:
-    """Local files named by active datasets that do not exist (internal sets, local copies)."""
-    missing = {}
-    for name, entry in active_datasets(cfg).items():
-        absent = [f for f in entry.origin.files or [] if not Path(f).is_file()]
-        if absent:
-            missing[name] = absent
-    return missing
 
 
 def plan(cfg: PreferenceConfig) -> dict[str, Any]:

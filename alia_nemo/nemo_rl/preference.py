@@ -149,20 +149,6 @@ def _message_log(
     ]
 
 
-def _as_tensors(log: list[dict[str, Any]]) -> None:
-    """Each entry's ids as an int64 tensor: one tensor per sequence, split into per-entry views (fast)."""
-    import itertools
-
-    import numpy as np
-    import torch
-
-    sizes = [len(m["token_ids"]) for m in log]
-    chained = itertools.chain.from_iterable(m["token_ids"] for m in log)
-    flat = torch.from_numpy(np.fromiter(chained, dtype=np.int64, count=sum(sizes)))
-    for m, ids in zip(log, torch.split(flat, sizes)):
-        m["token_ids"] = ids
-
-
 def _cut(log: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
     """The first ``keep`` tokens of a message log (entries emptied by the cut are dropped)."""
     for m in log:
@@ -189,7 +175,7 @@ def alia_preference_processor(
     SFT processor does: the driver counts such pairs as batches arrive.
     """
     from alia_nemo.model.chatml import tokenize_preferences
-    from alia_nemo.nemo_rl.processor import stored_tokens_usable
+    from alia_nemo.nemo_rl.processor import entry_tensors, stored_tokens_usable
 
     if add_eos:
         raise ValueError(
@@ -236,7 +222,7 @@ def alia_preference_processor(
         lengths = [sum(len(m["token_ids"]) for m in log) for log in logs]
         loss_multiplier = 0.0
     for log in logs:
-        _as_tensors(log)
+        entry_tensors(log)
     return {
         "message_log_chosen": logs[0],
         "message_log_rejected": logs[1],

@@ -91,6 +91,22 @@ def segment_message_log(
     return log
 
 
+def entry_tensors(log: list[dict[str, Any]]) -> None:
+    """Each message-log entry's ids as an int64 tensor, in place.
+
+    One tensor for the whole sequence, split into views per entry: a torch.tensor call per entry costs more than
+    everything else the stored-ids path does.
+    """
+    import numpy as np
+    import torch
+
+    sizes = [len(m["token_ids"]) for m in log]
+    chained = itertools.chain.from_iterable(m["token_ids"] for m in log)
+    flat = torch.from_numpy(np.fromiter(chained, dtype=np.int64, count=sum(sizes)))
+    for m, ids in zip(log, torch.split(flat, sizes)):
+        m["token_ids"] = ids
+
+
 def alia_sft_processor(
     datum_dict: dict[str, Any],
     task_data_spec: Any,
@@ -107,9 +123,6 @@ def alia_sft_processor(
     after it) and ``add_generation_prompt`` false (SFT conversations end with the assistant's answer).
     ``add_bos=false`` drops the BOS the template writes.
     """
-    import numpy as np
-    import torch
-
     if add_eos:
         raise ValueError(
             "data.add_eos=true would append </s> after <|im_end|> and train it; ALIA's ChatML ends turns with "
@@ -143,13 +156,7 @@ def alia_sft_processor(
         log = [m for m in log if m["token_ids"]]
         length = sum(len(m["token_ids"]) for m in log)
         loss_multiplier = 0.0
-    # One tensor for the whole conversation, split into views per entry: a torch.tensor call per entry costs more
-    # than everything else the stored-ids path does.
-    sizes = [len(m["token_ids"]) for m in log]
-    chained = itertools.chain.from_iterable(m["token_ids"] for m in log)
-    flat = torch.from_numpy(np.fromiter(chained, dtype=np.int64, count=sum(sizes)))
-    for m, ids in zip(log, torch.split(flat, sizes)):
-        m["token_ids"] = ids
+    entry_tensors(log)
     return {
         "message_log": log,
         "length": length,
